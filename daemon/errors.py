@@ -1,0 +1,140 @@
+"""Every failure a user of backfilld can see, in one tree.
+
+Lower-library errors (httpx, psycopg, tomllib, pgserver) are translated into these at the edge
+of the module that talks to them, so callers handle *our* failures and messages never carry
+secrets (API keys and database passwords are redacted before an exception is built).
+
+    BackfilldError
+    ├── ConfigError             bad or unreadable config file; names file, key, line
+    ├── ApiError                anything the market-data API did wrong
+    │   ├── ApiAuthError        401/403: the key is wrong or lacks the plan; never retried
+    │   ├── ApiRequestError     other 4xx: our request is wrong; never retried
+    │   ├── RateLimited         429; retried after Retry-After or backoff
+    │   ├── ApiServerError      5xx (often an HTML page); retried
+    │   ├── ApiTransportError   connect/read failures, timeouts; retried
+    │   └── BadResponse         truncated or unparseable body, `"results": null`; retried
+    ├── BadData                 well-formed response whose bars fail validation; never written
+    ├── DatabaseError           PostgreSQL unreachable or a statement failed
+    └── EmbeddedPostgresError   the embedded server (pgserver) could not start
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "ApiAuthError",
+    "ApiError",
+    "ApiRequestError",
+    "ApiServerError",
+    "ApiTransportError",
+    "BackfilldError",
+    "BadData",
+    "BadResponse",
+    "ConfigError",
+    "DatabaseError",
+    "EmbeddedPostgresError",
+    "RateLimited",
+    "redact",
+]
+
+# Query-string keys and URL userinfo that carry credentials. Redaction happens on every message
+# that may quote a URL, so a key can never travel from a request into a log line.
+_SECRET_QUERY = re.compile(r"(?i)((?:apikey|api_key|password|token)=)[^&\s\"']+")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+
+
+def redact(text: str) -> str:
+    """Return `text` with API keys, bearer tokens and URL passwords replaced by `***`."""
+    text = _SECRET_QUERY.sub(r"\1***", text)
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    return _BEARER.sub(r"\1***", text)
+
+
+class BackfilldError(Exception):
+    """Base of every error backfilld raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(BackfilldError):
+    """The config file is missing, unparseable or has a bad key or value.
+
+    The message names the file, the key (dotted, e.g. `backfill.timeframes`), the line when
+    known, and what was expected, so one log line is enough to fix it.
+    """
+
+    def __init__(
+        self, path: object, key: str | None, expected: str, *, line: int | None = None
+    ) -> None:
+        self.path = str(path)
+        self.key = key
+        self.line = line
+        self.expected = expected
+        where = self.path + (f":{line}" if line else "")
+        what = f"key {key!r}: " if key else ""
+        super().__init__(f"{where}: {what}{expected}")
+
+
+class ApiError(BackfilldError):
+    """The market-data API failed a request. `status` is the HTTP status when there was one."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class ApiAuthError(ApiError):
+    """401/403: the API key is missing, wrong, or its plan does not cover the request."""
+
+
+class ApiRequestError(ApiError):
+    """A 4xx other than 401/403/429: the request itself is wrong (bad ticker syntax, range)."""
+
+
+class RateLimited(ApiError):
+    """429. `retry_after` is the server's Retry-After in seconds when it sent one."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, status=429)
+
+
+class ApiServerError(ApiError):
+    """5xx from the API or a proxy in front of it."""
+
+    retryable = True
+
+
+class ApiTransportError(ApiError):
+    """The connection failed, was reset, or timed out."""
+
+    retryable = True
+
+
+class BadResponse(ApiError):
+    """HTTP 200 whose body is cut off, not JSON, not the documented shape, or `results: null`."""
+
+    retryable = True
+
+
+class BadData(BackfilldError):
+    """A response parsed, but a bar in it is impossible; the page is rejected, nothing written."""
+
+
+class DatabaseError(BackfilldError):
+    """PostgreSQL is unreachable or rejected a statement."""
+
+
+class EmbeddedPostgresError(BackfilldError):
+    """The embedded PostgreSQL server could not be started or stopped."""
