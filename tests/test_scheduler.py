@@ -1,0 +1,248 @@
+"""Scheduler planning and timing, on trio's MockClock (exact, instant).
+
+The API client is replaced by a scripted one whose pages take a fixed (virtual) time, and the
+writer by a consumer that acknowledges messages: what is under test here is only when jobs
+start, how many run at once, and what a cycle records. The real client and writer are covered
+by their own tests and by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import attrs
+import pytest
+import trio
+
+from daemon import db
+from daemon.bars import Bar
+from daemon.config import parse_config
+from daemon.errors import ApiAuthError, BadData
+from daemon.market_calendar import et_midnight_ms
+from daemon.scheduler import Scheduler, plan_job
+from daemon.timeframes import Timeframe, parse_timeframe
+from daemon.writer import JobDone, Message, PageWrite, open_writer_channel
+
+TODAY = dt.date(2024, 3, 15)
+D1 = parse_timeframe("1d")
+M5 = parse_timeframe("5m")
+
+
+def config(extra: str = "", **backfill: object) -> object:
+    lines = [f"{k} = {v!r}".replace("'", '"') for k, v in backfill.items()]
+    return parse_config("[backfill]\n" + "\n".join(lines) + "\n" + extra, env={})
+
+
+@attrs.frozen
+class FakePage:
+    bars: list[Bar]
+    last: bool
+    attempts: int = 1
+    api_seconds: float = 0.0
+    bytes: int = 0
+
+
+class ScriptedClient:
+    """Each job yields `pages` pages, each after `seconds` of virtual time."""
+
+    def __init__(self, seconds: float = 10.0, pages: int = 1) -> None:
+        self.seconds = seconds
+        self.pages_per_job = pages
+        self.calls: list[tuple[float, str, str]] = []
+        self.fail: dict[str, Exception] = {}
+
+    async def pages(self, symbol: str, timeframe: Timeframe, from_ms: int, to_ms: int
+                    ) -> AsyncIterator[FakePage]:
+        for i in range(self.pages_per_job):
+            self.calls.append((trio.current_time(), symbol, timeframe.label))
+            if symbol in self.fail:
+                raise self.fail[symbol]
+            await trio.sleep(self.seconds)
+            bar = Bar(t=from_ms + i, o=1, h=1, l=1, c=1, v=1)
+            yield FakePage([bar], last=i == self.pages_per_job - 1)
+
+
+async def acknowledge(receive: trio.MemoryReceiveChannel[Message]) -> None:
+    async with receive:
+        async for message in receive:
+            if isinstance(message, PageWrite):
+                message.job.bars_written += len(message.bars)
+            elif isinstance(message, JobDone):
+                message.job.done.set()
+
+
+async def no_checkpoints(symbol: str) -> dict[tuple[str, str], db.Checkpoint]:
+    return {}
+
+
+def make(cfg: object, client: ScriptedClient) -> tuple[Scheduler, trio.MemoryReceiveChannel]:
+    send, receive = open_writer_channel(4)
+    sched = Scheduler(cfg, client, send, checkpoints=no_checkpoints,  # type: ignore[arg-type]
+                      today=lambda: TODAY)
+    return sched, receive
+
+
+def first_calls(client: ScriptedClient) -> dict[str, float]:
+    starts: dict[str, float] = {}
+    for t, symbol, _ in client.calls:
+        starts.setdefault(symbol, t)
+    return starts
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+def test_plan_without_checkpoint_covers_whole_history() -> None:
+    cfg = config(symbols=["A"], start="2024-01-02", end="2024-03-01")
+    job = plan_job(cfg, "A", D1, None, TODAY)  # type: ignore[arg-type]
+    assert job is not None
+    assert job.from_ms == et_midnight_ms(dt.date(2024, 1, 2))
+    assert job.to_ms == et_midnight_ms(dt.date(2024, 3, 2)) - 1
+
+
+def test_plan_resumes_after_checkpoint_with_overlap() -> None:
+    cfg = config(symbols=["A"], start="2024-01-02", overlap_bars=3)
+    start = et_midnight_ms(dt.date(2024, 1, 2))
+    through = start + 10 * 86_400_000
+    job = plan_job(cfg, "A", M5, db.Checkpoint(start, through), TODAY)  # type: ignore[arg-type]
+    assert job is not None and job.from_ms == through + 1 - 3 * 300_000
+    cfg0 = config(symbols=["A"], start="2024-01-02", overlap_bars=0)
+    job0 = plan_job(cfg0, "A", M5, db.Checkpoint(start, through), TODAY)  # type: ignore[arg-type]
+    assert job0 is not None and job0.from_ms == through + 1
+    assert job0.to_ms == et_midnight_ms(TODAY + dt.timedelta(days=1)) - 1
+
+
+def test_plan_refetches_from_start_when_history_extended_backwards() -> None:
+    cfg = config(symbols=["A"], start="2023-01-03")
+    later = et_midnight_ms(dt.date(2024, 1, 2))
+    job = plan_job(cfg, "A", D1, db.Checkpoint(later, later + 5), TODAY)  # type: ignore[arg-type]
+    assert job is not None and job.from_ms == et_midnight_ms(dt.date(2023, 1, 3))
+
+
+def test_plan_nothing_when_checkpoint_past_end() -> None:
+    cfg = config(symbols=["A"], start="2024-01-02", end="2024-01-31", overlap_bars=0)
+    end = et_midnight_ms(dt.date(2024, 2, 1)) - 1
+    start = et_midnight_ms(dt.date(2024, 1, 2))
+    assert plan_job(cfg, "A", D1, db.Checkpoint(start, end), TODAY) is None  # type: ignore[arg-type]
+
+
+def test_history_days_counts_back_from_today() -> None:
+    cfg = config(symbols=["A"], history_days=10)
+    job = plan_job(cfg, "A", D1, None, TODAY)  # type: ignore[arg-type]
+    assert job is not None and job.from_ms == et_midnight_ms(dt.date(2024, 3, 5))
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+async def test_stagger_spaces_starts_without_idling(autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A", "B", "C", "D", "E"], timeframes=["1d"], start="2024-01-02",
+                 max_concurrent_symbols=3, stagger_seconds=2.0)
+    client = ScriptedClient(seconds=10.0)
+    sched, receive = make(cfg, client)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        cycle = await sched.run(once=True)
+    starts = {s: t - t0 for s, t in first_calls(client).items()}
+    # first wave spaced by the stagger; later symbols start the moment a slot frees
+    assert starts == {"A": 0.0, "B": 2.0, "C": 4.0, "D": 10.0, "E": 12.0}
+    assert cycle is not None and cycle.ok and len(cycle.jobs) == 5
+
+
+async def test_symbols_bounded_and_timeframes_concurrent(autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A", "B", "C", "D", "E", "F", "G"], start="2024-01-02",
+                 max_concurrent_symbols=3, stagger_seconds=0.0)
+    client = ScriptedClient(seconds=5.0, pages=2)
+    sched, receive = make(cfg, client)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            running = {s for s, state in (sched.cycle.symbols.items() if sched.cycle else [])
+                       if state == "running"}
+            peak = max(peak, len(running))
+            await trio.sleep(0.5)
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        nursery.start_soon(watch)
+        cycle = await sched.run(once=True)
+        nursery.cancel_scope.cancel()
+    assert peak == 3
+    # the 5 timeframes of A all asked for their first page at t0
+    assert sorted(tf for t, s, tf in client.calls if s == "A" and t == t0) == sorted(
+        ["1d", "4h", "1h", "15m", "5m"])
+    assert cycle is not None and len(cycle.jobs) == 35 and cycle.ok
+    # 7 symbols, 3 at a time, 10 s each: 3 waves
+    assert trio.current_time() - t0 == pytest.approx(30.0)
+
+
+async def test_top_ups_every_refresh_minutes(autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A"], timeframes=["1d"], start="2024-01-02", refresh_minutes=60)
+    client = ScriptedClient(seconds=1.0)
+    sched, receive = make(cfg, client)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        nursery.start_soon(sched.run)
+        await trio.sleep(3 * 3600 + 10)
+        sched.request_stop()
+    assert [t - t0 for t, _, _ in client.calls] == [0.0, 3600.0, 7200.0, 10800.0]
+
+
+async def test_auth_error_fails_the_rest_without_requests(autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A", "B", "C"], timeframes=["1d"], start="2024-01-02",
+                 max_concurrent_symbols=1, stagger_seconds=0.0)
+    client = ScriptedClient(seconds=1.0)
+    client.fail["A"] = ApiAuthError("401 NOT_AUTHORIZED: unknown API key", status=401)
+    sched, receive = make(cfg, client)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        cycle = await sched.run(once=True)
+    assert cycle is not None and not cycle.ok
+    assert [s for _, s, _ in client.calls] == ["A"]
+    assert len(cycle.failed) == 3
+    assert all("NOT_AUTHORIZED" in (j.error or "") for j in cycle.failed)
+
+
+async def test_bad_data_fails_one_job_only(autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A", "B"], timeframes=["1d"], start="2024-01-02")
+    client = ScriptedClient(seconds=1.0)
+    client.fail["A"] = BadData("bar t=1: high 1 < low 2")
+    sched, receive = make(cfg, client)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        cycle = await sched.run(once=True)
+    assert cycle is not None
+    assert [(j.symbol, j.error) for j in cycle.failed] == [("A", "BadData: bar t=1: high 1 < low 2")]
+    assert cycle.symbols == {"A": "failed", "B": "done"}
+
+
+async def test_reload_adds_and_removes_mid_cycle(autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A", "B"], timeframes=["1d"], start="2024-01-02",
+                 max_concurrent_symbols=2, stagger_seconds=0.0)
+    client = ScriptedClient(seconds=10.0, pages=3)
+    sched, receive = make(cfg, client)
+    t0 = trio.current_time()
+
+    async def reload_later() -> None:
+        await trio.sleep(15)
+        sched.update_config(config(symbols=["A", "C"], timeframes=["1d"], start="2024-01-02",
+                                   max_concurrent_symbols=2, stagger_seconds=0.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        nursery.start_soon(reload_later)
+        cycle = await sched.run(once=True)
+    assert cycle is not None
+    by_symbol = {j.symbol: j for j in cycle.jobs}
+    # B was removed at t=15 during its 2nd page: it stops after that page, not failed
+    assert by_symbol["B"].cancelled and by_symbol["B"].bars_written == 2
+    assert by_symbol["A"].ok and by_symbol["A"].bars_written == 3
+    # C joined the running cycle as soon as B's slot freed (t=20)
+    assert first_calls(client)["C"] - t0 == 20.0
+    assert by_symbol["C"].ok and cycle.ok
