@@ -132,7 +132,8 @@ class Scheduler:
     def update_config(self, config: Config) -> None:
         """Apply a reloaded config: concurrency at once, added series join, removed ones stop
         after their current page (checked by the page loop)."""
-        old = {(s, t) for s in self.config.backfill.symbols for t in self.config.backfill.timeframes}
+        old_bf = self.config.backfill
+        old = {(s, t) for s in old_bf.symbols for t in old_bf.timeframes}
         self.config = config
         self._symbol_limiter.total_tokens = config.backfill.max_concurrent_symbols
         new = {(s, t) for s in config.backfill.symbols for t in config.backfill.timeframes}

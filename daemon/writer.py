@@ -45,7 +45,8 @@ CREATE TEMP TABLE IF NOT EXISTS bars_stage (
 ) ON COMMIT DELETE ROWS
 """
 _STAGE_COPY = (
-    "COPY bars_stage (ts_ms, open, high, low, close, volume, vwap, trades) FROM STDIN (FORMAT BINARY)"
+    "COPY bars_stage (ts_ms, open, high, low, close, volume, vwap, trades)"
+    " FROM STDIN (FORMAT BINARY)"
 )
 _STAGE_TYPES = ["int8", "float8", "float8", "float8", "float8", "float8", "float8", "int8"]
 _UPSERT = """

@@ -218,7 +218,8 @@ async def test_bad_data_fails_one_job_only(autojump_clock: trio.abc.Clock) -> No
         nursery.start_soon(acknowledge, receive)
         cycle = await sched.run(once=True)
     assert cycle is not None
-    assert [(j.symbol, j.error) for j in cycle.failed] == [("A", "BadData: bar t=1: high 1 < low 2")]
+    assert [(j.symbol, j.error) for j in cycle.failed] == [
+        ("A", "BadData: bar t=1: high 1 < low 2")]
     assert cycle.symbols == {"A": "failed", "B": "done"}
 
 

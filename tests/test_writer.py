@@ -117,13 +117,14 @@ async def test_writer_survives_losing_its_connection(database: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         await send.send(PageWrite(job, [bar(T0)]))
-        while writer.statistics().transactions < 1:
-            await trio.sleep(0.01)
+        await send.send(JobDone(job))
+        await job.done.wait()
         with psycopg.connect(database, autocommit=True) as conn:
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
+        job.done = trio.Event()
         await send.send(PageWrite(job, [bar(T0 + DAY)]))
         await send.send(JobDone(job))
         await send.aclose()

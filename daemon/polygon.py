@@ -1,0 +1,507 @@
+"""The Polygon/Massive aggregates client: pages of validated bars, retried, rate-limited, counted.
+
+`PolygonClient.pages()` walks one `(symbol, timeframe, from, to)` range: the first URL, then each
+`next_url`, yielding a `Page` per response. Each HTTP attempt takes a token and an in-flight slot
+from the shared `RateLimiter`; failures that a second try can fix (429, 5xx, network, a cut-off
+or malformed body, `"results": null`) are retried by tenacity with `Retry-After` or exponential
+backoff; failures it cannot fix (401/403, other 4xx, impossible bars) are raised at once.
+
+Secrets: the key travels only in an `Authorization: Bearer` header set by `_BearerAuth` (whose
+repr is masked), never in a URL, so no URL we log or put in an exception can carry it. `next_url`
+is re-sent to the configured host only, with any `apiKey` parameter stripped. Every message is
+scrubbed of the key's literal value and passed through `redact()`.
+
+Error handling: httpx exceptions are translated at the edge (`_translate`) into daemon.errors
+types, raised with no `__cause__` or `__context__`, so callers see only `ApiError` subclasses
+and `BadData`. After the last attempt the last error is raised again, same type, saying how
+many attempts were made. Cancellation (trio.Cancelled, a BaseException) is never retried and
+propagates at once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import re
+import time
+from collections.abc import AsyncGenerator, Callable, Generator
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import attrs
+import httpx
+import msgspec
+import trio
+from loguru import logger
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from .bars import AggsResponse, Bar, validate_bars
+from .config import PolygonConfig, RetryConfig, Secret
+from .errors import (
+    ApiAuthError,
+    ApiError,
+    ApiRequestError,
+    ApiServerError,
+    ApiTransportError,
+    BadData,
+    BadResponse,
+    RateLimited,
+    redact,
+)
+from .ratelimit import RateLimiter
+from .timeframes import Timeframe
+
+if TYPE_CHECKING:
+    from loguru import Logger
+
+__all__ = ["ClientStatistics", "Page", "PolygonClient", "backoff_seconds"]
+
+# Errors a second attempt can fix. Everything else (auth, bad request, BadData, Cancelled) is
+# raised at once.
+RETRYABLE = (RateLimited, ApiServerError, ApiTransportError, BadResponse)
+# `status` values of a usable body; DELAYED is what a delayed-data plan gets, same shape.
+OK_STATUSES = frozenset({"OK", "DELAYED"})
+# Characters of an error body quoted in an exception: enough for the API's one-line messages.
+SNIPPET_CHARS = 200
+
+_DECODER = msgspec.json.Decoder(AggsResponse)
+_TAG = re.compile(r"<[^>]*>")
+_SPACE = re.compile(r"\s+")
+
+
+@attrs.frozen
+class Page:
+    """One response of a range, validated.
+
+    Attributes:
+        bars: The page's bars in ascending `t`, all checked by `validate_bars`; may be empty.
+        attempts: HTTP attempts this page took (1 when the first succeeded).
+        api_seconds: Time from the page's first token wait to its decoded body, retries and
+            backoff included: what the page cost in wall time.
+        bytes: Body bytes of the response that succeeded.
+        last: True when the API sent no `next_url`: the range is complete.
+    """
+
+    bars: list[Bar] = attrs.field(repr=lambda bars: f"<{len(bars)} bars>")
+    attempts: int
+    api_seconds: float
+    bytes: int
+    last: bool
+
+
+@attrs.frozen
+class ClientStatistics:
+    """Counters since start, for /status, /metrics and the demo summary.
+
+    Attributes:
+        total_requests: HTTP attempts sent (each one took a token).
+        rate_limited_count: 429 responses.
+        retries: Attempts that followed a failed one (so total_requests - retries first tries).
+        failures: Pages that raised: out of attempts, or not retryable (auth, 4xx, BadData).
+        bytes_received: Body bytes of every response read to its end, error responses included
+            (a body the connection cut off raised before it could be counted).
+        pages: Pages yielded.
+        bars: Bars yielded.
+    """
+
+    total_requests: int
+    rate_limited_count: int
+    retries: int
+    failures: int
+    bytes_received: int
+    pages: int
+    bars: int
+
+
+def backoff_seconds(
+    retry: RetryConfig, failures: int, *, uniform: Callable[[float, float], float] = random.uniform
+) -> float:
+    """The wait after the `failures`-th failed attempt when the server gave no Retry-After.
+
+    `min_seconds * 2**(failures - 1)` capped at `max_seconds` (1, 2, 4, 8, ... with defaults),
+    plus a jitter drawn from `[0, jitter * backoff]` so that tasks failed by the same outage do
+    not come back in lockstep. `jitter = 0` gives exact waits.
+    """
+    base = min(retry.max_seconds, retry.min_seconds * 2.0 ** max(failures - 1, 0))
+    if retry.jitter > 0 and base > 0:
+        base += uniform(0.0, retry.jitter * base)
+    return base
+
+
+class _BearerAuth(httpx.Auth):
+    """Sets `Authorization: Bearer KEY` on every request, next_url pages included."""
+
+    def __init__(self, key: Secret) -> None:
+        self._key = key
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self._key:
+            request.headers["Authorization"] = "Bearer " + self._key.reveal()
+        yield request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(***)"
+
+
+class PolygonClient:
+    """An aggregates client sharing one RateLimiter with every other user of the key.
+
+    Args:
+        config: Base URL, key, page limit, timeout, `max_in_flight` (sizes the connection pool).
+        retry: Attempts and backoff.
+        limiter: The key's shared limiter; each HTTP attempt runs inside `limiter.request()`.
+        transport: An httpx transport to use instead of the network (`httpx.MockTransport` in
+            unit tests); None in production.
+
+    Use as `async with PolygonClient(...) as client:` or call `aclose()`. The rate and in-flight
+    cap live in the limiter: on reload call `limiter.set_rate` / `set_max_in_flight` as well as
+    `client.update`.
+
+    Error handling: `pages()` raises ApiAuthError, ApiRequestError, RateLimited, ApiServerError,
+    ApiTransportError, BadResponse (the ApiError family) or BadData, nothing else from httpx.
+    """
+
+    def __init__(
+        self,
+        config: PolygonConfig,
+        retry: RetryConfig,
+        *,
+        limiter: RateLimiter,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._config = config
+        self._retry = retry
+        self._limiter = limiter
+        self._transport = transport
+        self._auth = _BearerAuth(config.api_key)
+        self._pool_size = config.max_in_flight
+        self._http = self._new_http(config.max_in_flight)
+        # Clients replaced by a bigger pool on reload; closed with us (requests may still use them).
+        self._retired: list[httpx.AsyncClient] = []
+        self._total_requests = 0
+        self._rate_limited = 0
+        self._retries = 0
+        self._failures = 0
+        self._bytes = 0
+        self._pages = 0
+        self._bars = 0
+
+    def _new_http(self, pool_size: int) -> httpx.AsyncClient:
+        # A pool as large as the in-flight cap: a request that has its token never queues for a
+        # connection (which would space requests unevenly and could time out in the pool).
+        limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
+        return httpx.AsyncClient(
+            transport=self._transport,
+            limits=limits,
+            headers={"Accept": "application/json", "User-Agent": "backfilld"},
+            follow_redirects=False,  # a redirect is a misconfigured base_url: say so, don't chase
+        )
+
+    def __repr__(self) -> str:
+        return f"PolygonClient(base_url={self._config.base_url!r}, api_key=***)"
+
+    async def __aenter__(self) -> PolygonClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pools. Idempotent."""
+        for http in [*self._retired, self._http]:
+            await http.aclose()
+        self._retired.clear()
+
+    def update(self, config: PolygonConfig, retry: RetryConfig) -> None:
+        """Live reload: the next attempt uses the new key, URL, timeout, page limit and retry.
+
+        A page already being retried keeps the retry settings it started with. A larger
+        `max_in_flight` gets a larger pool (the old one serves its requests until `aclose`).
+        """
+        self._config = config
+        self._retry = retry
+        self._auth = _BearerAuth(config.api_key)
+        if config.max_in_flight > self._pool_size:
+            self._retired.append(self._http)
+            self._pool_size = config.max_in_flight
+            self._http = self._new_http(config.max_in_flight)
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(
+            total_requests=self._total_requests,
+            rate_limited_count=self._rate_limited,
+            retries=self._retries,
+            failures=self._failures,
+            bytes_received=self._bytes,
+            pages=self._pages,
+            bars=self._bars,
+        )
+
+    # --- pages --------------------------------------------------------------------------------
+
+    async def pages(
+        self, symbol: str, timeframe: Timeframe, from_ms: int, to_ms: int
+    ) -> AsyncGenerator[Page, None]:
+        """Yield the pages of bars of `symbol` at `timeframe` with `from_ms <= t <= to_ms`.
+
+        Pages come in API order (ascending `t`); the last has `last=True`. Consume it inside
+        `contextlib.aclosing(...)` so an early `break` closes it at once. Nothing is held (no
+        slot, no token) while the consumer works on a page.
+
+        Error handling: a page that fails for good raises (see the class docstring) and ends
+        the iteration; pages yielded before it are complete and valid. BadData is raised as
+        `validate_bars` raised it, never retried: the same request would return the same bars.
+        """
+        log = logger.bind(symbol=symbol, timeframe=timeframe.label)
+        try:
+            url = self._first_url(symbol, timeframe, from_ms, to_ms)
+            seen = {str(url)}
+            while True:
+                started = trio.current_time()
+                body, nbytes, attempts = await self._fetch_retrying(url, log)
+                bars = body.results if isinstance(body.results, list) else []
+                validate_bars(bars, from_ms, to_ms)
+                page = Page(
+                    bars=bars,
+                    attempts=attempts,
+                    api_seconds=trio.current_time() - started,
+                    bytes=nbytes,
+                    last=body.next_url is None,
+                )
+                self._pages += 1
+                self._bars += len(bars)
+                # Not inside any cancel scope or nursery: a suspended generator holds nothing.
+                yield page
+                if body.next_url is None:
+                    return
+                url = self._follow(body.next_url)
+                if str(url) in seen:
+                    raise BadResponse("next_url points back to a page already fetched")
+                seen.add(str(url))
+        except (ApiError, BadData):
+            self._failures += 1
+            raise
+
+    def _first_url(self, symbol: str, timeframe: Timeframe, from_ms: int, to_ms: int) -> httpx.URL:
+        if symbol in ("", ".", ".."):
+            raise ApiRequestError(f"{symbol!r} is not a ticker")
+        # `:` and `.` stay as they are (X:BTCUSD, BRK.A): the API routes on the literal ticker.
+        # Anything that could change the path's shape (`/`, `?`, `#`, spaces) is percent-encoded.
+        ticker = quote(symbol, safe=":")
+        path = (
+            f"/v2/aggs/ticker/{ticker}/range/{timeframe.multiplier}/{timeframe.timespan}"
+            f"/{from_ms}/{to_ms}"
+        )
+        params = {
+            "adjusted": "true" if self._config.adjusted else "false",
+            "sort": "asc",
+            "limit": str(self._config.page_limit),
+        }
+        # An absolute URL built as a string: httpx keeps `:` in the path as sent. (Joining a
+        # relative "X:BTCUSD/..." onto a base would parse `X:` as a scheme.)
+        return httpx.URL(self._config.base_url + path, params=params)
+
+    def _follow(self, next_url: str) -> httpx.URL:
+        """The URL to fetch for `next_url`, on the configured host, without any key in it.
+
+        The key goes with every request in a header, so it must go only where the operator
+        pointed `base_url`: a `next_url` naming another host (api.polygon.io vs api.massive.com,
+        or a hostile one) is re-rooted onto the configured scheme, host and port.
+        """
+        base = httpx.URL(self._config.base_url)
+        try:
+            url = base.join(next_url)
+        except httpx.InvalidURL as exc:
+            raise BadResponse(f"unusable next_url: {exc}") from None
+        if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+            prefix = base.raw_path.rstrip(b"/")
+            raw_path = url.raw_path
+            if prefix and not raw_path.startswith(prefix + b"/"):
+                raw_path = prefix + raw_path
+            path, _, query = raw_path.partition(b"?")
+            url = base.copy_with(raw_path=path + (b"?" + query if query else b""))
+        query = url.query
+        if b"apikey=" in query.lower():
+            kept = [p for p in query.split(b"&") if not p.lower().startswith(b"apikey=")]
+            url = url.copy_with(query=b"&".join(kept) or None)
+        return url
+
+    # --- one page, retried ----------------------------------------------------------------------
+
+    async def _fetch_retrying(self, url: httpx.URL, log: Logger) -> tuple[AggsResponse, int, int]:
+        """Fetch and decode one page, retrying what can be retried. Returns body, bytes, attempts.
+
+        Error handling: the last retryable error is re-raised with the attempt count in its
+        message; anything not retryable is raised as it came.
+        """
+        retry = self._retry  # a reload mid-page does not change this page's schedule
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, RateLimited) and exc.retry_after is not None:
+                return exc.retry_after
+            return backoff_seconds(retry, state.attempt_number)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            sleep = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "attempt {}/{} failed: {}: {}; retrying in {:.3f} s",
+                state.attempt_number, retry.attempts, type(exc).__name__, exc, sleep,
+            )
+
+        retrying = AsyncRetrying(
+            sleep=trio.sleep,
+            stop=stop_after_attempt(retry.attempts),  # not stop_after_delay: that reads real time
+            wait=wait,
+            retry=retry_if_exception_type(RETRYABLE),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        attempts = 0
+
+        async def attempt() -> tuple[AggsResponse, int, int]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                self._retries += 1
+            body, nbytes = await self._fetch_once(url, retry)
+            return body, nbytes, attempts
+
+        try:
+            return await retrying(attempt)
+        except RETRYABLE as exc:
+            final = _gave_up(exc, attempts)
+        raise final  # outside the except: no __context__ to carry the earlier errors around
+
+    async def _fetch_once(self, url: httpx.URL, retry: RetryConfig) -> tuple[AggsResponse, int]:
+        """One HTTP attempt under the limiter: send, read the whole body, check, decode."""
+        config, http, auth = self._config, self._http, self._auth
+        async with self._limiter.request() as grant:
+            self._total_requests += 1
+            response, body = await self._exchange(http, auth, url, config.timeout_seconds)
+            raw_bytes = response.num_bytes_downloaded or len(body)
+            self._bytes += raw_bytes
+            status = response.status_code
+            if status == 429:
+                self._rate_limited += 1
+                retry_after = _retry_after(response.headers.get("retry-after"), retry.max_seconds)
+                self._limiter.on_rate_limited(retry_after, grant=grant)
+                wait = f" (Retry-After {retry_after:g} s)" if retry_after is not None else ""
+                raise RateLimited(self._scrub(f"HTTP 429{wait}: {_snippet(body)}"),
+                                  retry_after=retry_after)
+            if not 200 <= status < 300:
+                raise self._status_error(status, response.reason_phrase, body)
+            self._limiter.on_success(grant=grant)
+        declared = _content_length(response)
+        if declared is not None and raw_bytes < declared:
+            raise BadResponse(f"body cut off: {raw_bytes} of {declared} bytes")
+        try:
+            decoded = _DECODER.decode(body)
+        except msgspec.DecodeError as exc:
+            raise BadResponse(self._scrub(f"not an aggregates body: {exc}")) from None
+        if decoded.status not in OK_STATUSES:
+            raise BadResponse(self._scrub(f"status {decoded.status!r}: {_snippet(body)}"))
+        if decoded.results is None:
+            raise BadResponse('"results": null (the API does this under load)')
+        return decoded, raw_bytes
+
+    async def _exchange(
+        self, http: httpx.AsyncClient, auth: httpx.Auth, url: httpx.URL, seconds: float
+    ) -> tuple[httpx.Response, bytes]:
+        """Send and read the whole body within `seconds`; httpx errors become ours here.
+
+        Error handling: ours are raised outside the `except` blocks, so they carry no
+        `__context__`: no httpx exception (whose request holds the Authorization header)
+        stays reachable from an error a caller may log or keep.
+        """
+        try:
+            # httpx's timeouts are per operation; the deadline also bounds a slow-drip body.
+            with trio.fail_after(seconds):
+                request = http.build_request("GET", url, timeout=httpx.Timeout(seconds))
+                response = await http.send(request, auth=auth, stream=True)
+                try:
+                    body = await response.aread()
+                finally:
+                    await response.aclose()
+                return response, body
+        except trio.TooSlowError:
+            error: ApiError = ApiTransportError(f"no complete response within {seconds:g} s")
+        except httpx.HTTPError as exc:
+            error = self._translate(exc)
+        raise error
+
+    def _translate(self, exc: httpx.HTTPError) -> ApiError:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, httpx.TimeoutException):
+            return ApiTransportError(self._scrub(f"timed out ({detail})"))
+        if isinstance(exc, httpx.TransportError):
+            return ApiTransportError(self._scrub(f"connection failed ({detail})"))
+        if isinstance(exc, httpx.DecodingError):
+            return BadResponse(self._scrub(f"body not decodable ({detail})"))
+        return ApiTransportError(self._scrub(f"request failed ({detail})"))
+
+    def _status_error(self, status: int, reason: str, body: bytes) -> ApiError:
+        message = self._scrub(f"HTTP {status} {reason}: {_snippet(body)}".replace(" :", ":"))
+        if status in (401, 403):
+            return ApiAuthError(message, status=status)
+        if status >= 500:
+            return ApiServerError(message, status=status)
+        return ApiRequestError(message, status=status)  # 3xx (no redirects followed), 4xx
+
+    def _scrub(self, text: str) -> str:
+        """`text` without the key's literal value (a proxy may echo it), then `redact()`ed."""
+        key = self._config.api_key.reveal()
+        if key:
+            text = text.replace(key, "***")
+        return redact(text)
+
+
+def _gave_up(exc: ApiError, attempts: int) -> ApiError:
+    """The error raised after the last attempt: same type, saying how many were made."""
+    plural = "s" if attempts != 1 else ""
+    message = f"gave up after {attempts} attempt{plural}; last: {exc.message}"
+    if isinstance(exc, RateLimited):
+        return RateLimited(message, retry_after=exc.retry_after)
+    return type(exc)(message, status=exc.status)
+
+
+def _retry_after(value: str | None, cap: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), at most `cap`."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), cap)
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _snippet(body: bytes) -> str:
+    """A short, one-line reason from an error body: the JSON `message`/`error`, else its text."""
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        data = None
+    if isinstance(data, dict):
+        for field in ("message", "error", "status"):
+            value = data.get(field)
+            if isinstance(value, str):
+                return value[:SNIPPET_CHARS]
+    text = _SPACE.sub(" ", _TAG.sub(" ", body[: SNIPPET_CHARS * 20].decode("utf-8", "replace")))
+    return text.strip()[:SNIPPET_CHARS] or "(empty body)"

@@ -1,0 +1,231 @@
+"""The API budget: one token bucket per API key, shared by every task, on trio time.
+
+The API counts requests over a sliding minute, so the bucket holds one token (no bursts: a burst
+spends next minute's budget now and earns 429s later) and refills every `60 / rate` seconds.
+Tasks take tokens strictly in arrival order (a FIFO lock in front of the bucket), so a job that
+has waited longest goes next and no symbol starves.
+
+Tokens bound the *rate*; a global `trio.CapacityLimiter(max_in_flight)` bounds the requests in
+flight. Both are needed: at 150 req/min and 2-4 s per page a request must be in flight about
+every 0.4 s, so ~10 overlap; the cap keeps a slow API from piling up connections. A request takes
+its slot first and its token second, so it is sent the moment it gets the token and the spacing
+the bucket enforces is the spacing the API sees.
+
+Adaptive: a 429 means the whole key is over budget (another process, a smaller plan than
+configured, the vendor's own accounting), so `on_rate_limited` slows the bucket for everyone and,
+when the server said `Retry-After`, holds every token until then. Successes then give the rate
+back step by step (additive increase, multiplicative decrease, as in TCP).
+
+Everything reads `trio.current_time()` and sleeps with trio, so a `MockClock` test sees exact
+schedules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+__all__ = ["Grant", "RateLimiter", "RateLimiterStatistics"]
+
+# A 429 multiplies the effective rate by SLOWDOWN, but never below FLOOR x the configured rate:
+# the vendor's limit is rarely below a tenth of the plan, and a floor keeps recovery short.
+SLOWDOWN = 0.8
+FLOOR = 0.1
+# Each success adds RECOVERY x the configured rate back (additive increase): ~5 successes undo
+# one 429, 18 climb back from the floor. Slower than the slowdown, so 429s stay rare.
+RECOVERY = 0.05
+
+
+@attrs.frozen
+class RateLimiterStatistics:
+    """A snapshot for /status and /metrics.
+
+    Attributes:
+        configured_per_minute: The rate from the config; 0 means unlimited.
+        effective_per_minute: The rate in force after 429 slowdowns; 0 means unlimited.
+        in_flight: Requests holding a token and a slot (being sent or awaiting a response).
+        waiting: Requests waiting for a slot or a token.
+        paused_until: trio time until which a Retry-After holds every token, or None.
+        total_granted: Tokens granted since start.
+    """
+
+    configured_per_minute: float
+    effective_per_minute: float
+    in_flight: int
+    waiting: int
+    paused_until: float | None
+    total_granted: int
+
+
+@attrs.frozen
+class Grant:
+    """What `RateLimiter.request()` hands the caller: which token it got, and when.
+
+    Passing it back to `on_rate_limited` / `on_success` lets the limiter tell news from echoes:
+    the requests already in flight when the rate was cut were sent under the old rate, and their
+    429s must not cut it again (ten of them would drive it straight to the floor).
+
+    Attributes:
+        number: The token's serial number (1 for the first granted by this limiter).
+        granted_at: trio time of the grant.
+    """
+
+    number: int
+    granted_at: float
+
+
+class RateLimiter:
+    """A shared, FIFO-fair, adaptive token bucket plus a global in-flight cap.
+
+    Args:
+        requests_per_minute: The key's budget; 0 means unlimited (no token waits; the in-flight
+            cap and Retry-After pauses still apply).
+        max_in_flight: Requests in flight at once across all tasks.
+
+    Error handling: raises ValueError for a negative rate or a cap below 1, here and in
+    `set_rate` / `set_max_in_flight` (the config checks these first). Cancellation while waiting
+    gives back the slot and takes no token.
+    """
+
+    def __init__(self, requests_per_minute: float, *, max_in_flight: int) -> None:
+        self._configured = _check_rate(requests_per_minute)
+        self._effective = self._configured
+        self._slots = trio.CapacityLimiter(_check_cap(max_in_flight))
+        # The queue for tokens: whoever holds it is next and sleeps until its token is due.
+        self._turn = trio.StrictFIFOLock()
+        self._last_grant = -math.inf
+        self._paused_until = -math.inf
+        # Tokens granted when the rate was last cut: requests holding those are echoes.
+        self._slowed_after = 0
+        # Set (and replaced) whenever a token may come due earlier than the holder computed.
+        self._changed = trio.Event()
+        self._in_flight = 0
+        self._waiting = 0
+        self._granted = 0
+
+    @asynccontextmanager
+    async def request(self) -> AsyncIterator[Grant]:
+        """Wait for an in-flight slot, then for a token; hold the slot until the block exits.
+
+        Use one `async with limiter.request() as grant:` around each HTTP attempt (not around a
+        retry's backoff sleep, which would hold a slot idle), and pass `grant` to
+        `on_rate_limited` / `on_success` when the answer comes.
+        """
+        # Not the task: CapacityLimiter refuses a second slot to one borrower, and a task may
+        # well have two requests open (a test, a probe inside a job).
+        borrower = object()
+        self._waiting += 1
+        try:
+            await self._slots.acquire_on_behalf_of(borrower)
+            try:
+                grant = await self._take_token()
+            except BaseException:
+                self._slots.release_on_behalf_of(borrower)
+                raise
+        finally:
+            self._waiting -= 1
+        self._in_flight += 1
+        try:
+            yield grant
+        finally:
+            self._in_flight -= 1
+            self._slots.release_on_behalf_of(borrower)
+
+    async def _take_token(self) -> Grant:
+        async with self._turn:
+            while True:
+                now = trio.current_time()
+                due = self._token_due()
+                if due <= now:
+                    break
+                changed = self._changed
+                with trio.move_on_at(due):
+                    await changed.wait()
+            self._last_grant = now
+            self._granted += 1
+            return Grant(self._granted, now)
+
+    def _token_due(self) -> float:
+        due = self._paused_until
+        if self._effective > 0:
+            due = max(due, self._last_grant + 60.0 / self._effective)
+        return due
+
+    def _notify(self) -> None:
+        """Wake the task at the head of the queue to recompute when its token is due."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def on_rate_limited(self, retry_after: float | None, *, grant: Grant | None = None) -> None:
+        """Record a 429: slow the bucket, and hold every token for `retry_after` seconds if given.
+
+        Args:
+            retry_after: The server's Retry-After in seconds, or None.
+            grant: The `Grant` of the request that got the 429. A request granted before the
+                last slowdown was sent under the old rate: its Retry-After still pauses the
+                bucket, but it does not slow it again. None always slows.
+        """
+        now = trio.current_time()
+        if self._configured > 0 and not self._is_echo(grant):
+            self._effective = max(self._effective * SLOWDOWN, self._configured * FLOOR)
+            self._slowed_after = self._granted
+        if retry_after is not None and retry_after > 0:
+            self._paused_until = max(self._paused_until, now + retry_after)
+
+    def on_success(self, *, grant: Grant | None = None) -> None:
+        """Record an accepted request: give back RECOVERY x the configured rate, up to it.
+
+        A request granted before the last slowdown (see `on_rate_limited`) says nothing about
+        the new rate and gives nothing back.
+        """
+        if self._effective >= self._configured:
+            return
+        if self._is_echo(grant):
+            return
+        self._effective = min(self._configured, self._effective + RECOVERY * self._configured)
+        self._notify()
+
+    def _is_echo(self, grant: Grant | None) -> bool:
+        return grant is not None and grant.number <= self._slowed_after
+
+    def set_rate(self, requests_per_minute: float) -> None:
+        """Live reload: a new configured rate, in force at once (any slowdown is forgotten)."""
+        self._configured = _check_rate(requests_per_minute)
+        self._effective = self._configured
+        self._notify()
+
+    def set_max_in_flight(self, max_in_flight: int) -> None:
+        """Live reload: a new in-flight cap. Lowering it lets current requests finish first."""
+        self._slots.total_tokens = _check_cap(max_in_flight)
+
+    def statistics(self) -> RateLimiterStatistics:
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio (a summary printed after trio.run): report as is
+            now = -math.inf
+        paused = self._paused_until if self._paused_until > now else None
+        return RateLimiterStatistics(
+            configured_per_minute=self._configured,
+            effective_per_minute=self._effective,
+            in_flight=self._in_flight,
+            waiting=self._waiting,
+            paused_until=paused,
+            total_granted=self._granted,
+        )
+
+
+def _check_rate(requests_per_minute: float) -> float:
+    rate = float(requests_per_minute)
+    if not (math.isfinite(rate) and rate >= 0):
+        raise ValueError(f"requests_per_minute must be 0 (unlimited) or positive, not {rate}")
+    return rate
+
+
+def _check_cap(max_in_flight: int) -> int:
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be a whole number >= 1, not {max_in_flight!r}")
+    return max_in_flight
