@@ -1,0 +1,139 @@
+"""Real subprocesses for end-to-end tests: the simulator, the daemon, and the ground truth.
+
+The daemon runs as `python -m daemon` exactly as systemd would start it; the simulator as
+`python -m daemon simulate`. Both on loopback, talking real HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+
+from daemon import db
+from daemon.simulator.data import ground_truth
+from daemon.timeframes import parse_timeframe
+
+STARTUP_SECONDS = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = STARTUP_SECONDS
+                  ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listened on {port}")
+
+
+@contextlib.contextmanager
+def simulator(
+    tmp: Path,
+    *,
+    requests_per_minute: float = 0,
+    fault_rate: float = 0.0,
+    latency_ms: str = "0-0",
+    seed: int = 1,
+    extra: tuple[str, ...] = (),
+) -> Iterator[str]:
+    """Run the simulator as a subprocess; yield its base URL."""
+    port = free_port()
+    with open(tmp / f"simulator-{port}.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "simulate", "--port", str(port),
+             "--requests-per-minute", str(requests_per_minute), "--fault-rate", str(fault_rate),
+             "--latency-ms", latency_ms, "--seed", str(seed), *extra],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def write_config(path: Path, base_url: str, body: str) -> Path:
+    path.write_text(f'[polygon]\nbase_url = "{base_url}"\napi_key = "test-key"\n{body}')
+    return path
+
+
+def daemon_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env["BACKFILLD_DATABASE_URL"] = database_url
+    env.update(extra)
+    return env
+
+
+def start_daemon(config: Path, database_url: str, *args: str, log: Path | None = None,
+                 **env: str) -> subprocess.Popen[bytes]:
+    with open(log or os.devnull, "ab") as out:  # the child keeps its own copy of the fd
+        return subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--config", str(config), *args],
+            env=daemon_env(database_url, **env), stdout=out, stderr=subprocess.STDOUT,
+        )
+
+
+def run_once(config: Path, database_url: str, *, log: Path | None = None, timeout: float = 120
+             ) -> int:
+    proc = start_daemon(config, database_url, "--once", log=log)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+
+Row = tuple[int, float, float, float, float, float, float | None, int | None]
+
+
+def table(database_url: str) -> dict[tuple[str, str], list[Row]]:
+    """The bars table as {(symbol, timeframe): [(ts_ms, o, h, l, c, v, vwap, trades), ...]}."""
+    out: dict[tuple[str, str], list[Row]] = {}
+    with psycopg.connect(database_url) as conn:
+        for s, tf, ts, *values in conn.execute(
+            "SELECT symbol, timeframe, ts, open, high, low, close, volume, vwap, trades "
+            "FROM bars ORDER BY symbol, timeframe, ts"
+        ):
+            out.setdefault((s, tf), []).append((db.to_ms(ts), *values))  # type: ignore[arg-type]
+    return out
+
+
+def truth(seed: int, symbols: list[str], timeframes: list[str], from_ms: int, to_ms: int
+          ) -> dict[tuple[str, str], list[Row]]:
+    """What the simulator serves for the same series, in the same shape as `table`."""
+    out: dict[tuple[str, str], list[Row]] = {}
+    for s in symbols:
+        for label in timeframes:
+            bars = ground_truth(seed, s, parse_timeframe(label), from_ms, to_ms)
+            rows = [(b["t"], float(b["o"]), float(b["h"]), float(b["l"]), float(b["c"]),
+                     float(b["v"]), b.get("vw"), b.get("n")) for b in bars]
+            if rows:
+                out[(s, label)] = rows
+    return out
+
+
+def duplicates(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) - count(DISTINCT (symbol, timeframe, ts)) FROM bars"
+        ).fetchone()
+    return int(row[0]) if row else 0
