@@ -92,10 +92,10 @@ class Migration:
 
 def _sql_dir() -> Path:
     """The `sql/` folder: next to the package in a checkout, or installed as `daemon.sql`."""
-    beside = Path(__file__).resolve().parent.parent / "sql"
-    if beside.is_dir():
-        return beside
-    return Path(str(resources.files("daemon") / "sql"))
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "sql").is_dir():
+        return checkout / "sql"
+    return Path(str(resources.files("daemon.sql")))
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
