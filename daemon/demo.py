@@ -43,6 +43,7 @@ REAL_RATE_PER_MINUTE = 150
 REAL_LATENCY_MS = (2000, 4000)
 DEMO_DATABASE = "backfilld_demo"
 SIMULATOR_START_SECONDS = 15.0
+DEFAULT_STATE_DIR = "~/.local/state/backfilld-demo"
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +54,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time compression: rate x speed, latency / speed (default 10)")
     parser.add_argument("--fault-rate", type=float, default=0.02,
                         help="share of simulator responses that fail (default 0.02)")
-    parser.add_argument("--state-dir", default="~/.local/state/backfilld-demo",
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                         help="where the demo's embedded PostgreSQL lives")
     parser.add_argument("--stop", action="store_true",
                         help="stop the PostgreSQL a previous demo left running, then exit")
@@ -166,6 +167,9 @@ def run_demo(args: argparse.Namespace) -> int:
         sim.wait(timeout=10)
     print()
     _print_summary(daemon, cycle, wall, args.speed, sim_stats, db_url)
+    default_dir = Path(DEFAULT_STATE_DIR).expanduser()
+    where = "" if state_dir == default_dir else f" --state-dir {state_dir}"
+    print(f"stop the demo database:  backfilld demo --stop{where}")
     return 0 if cycle is not None and cycle.ok else 1
 
 
@@ -200,4 +204,3 @@ def _print_summary(
     print(f"  {psql_path()} '{db_url}' -c "
           "'SELECT symbol, timeframe, count(*), min(ts), max(ts) FROM bars GROUP BY 1, 2 "
           "ORDER BY 1, 2'")
-    print("stop the demo database:  backfilld demo --stop")
