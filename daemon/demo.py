@@ -123,11 +123,11 @@ async def _progress(daemon: Daemon, total_jobs: int, started: float) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir).expanduser()
+    setup_logging("ERROR")
     if args.stop:
         stopped = stop_embedded_postgres(state_dir)
         print("stopped the demo database" if stopped else "no demo database was running")
         return 0
-    setup_logging("ERROR")
     state_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     lo, hi = (int(ms / args.speed) for ms in REAL_LATENCY_MS)
