@@ -41,6 +41,10 @@ DEFAULT_TIMEFRAMES = ("1d", "4h", "1h", "15m", "5m")
 # Environment variables that override the file, in priority order (first set wins).
 API_KEY_ENV = ("POLYGON_API_KEY", "MASSIVE_API_KEY")
 DATABASE_URL_ENV = "BACKFILLD_DATABASE_URL"
+# systemd credentials (LoadCredential=NAME:PATH in the unit), read from $CREDENTIALS_DIRECTORY:
+# below the environment variables, above the file.
+API_KEY_CREDENTIAL = "polygon-api-key"
+DATABASE_URL_CREDENTIAL = "database-url"
 # Tickers: letters, digits and the `:` `.` `-` `/` the API uses (X:BTCUSD, BRK.A, I:SPX).
 _TICKER = re.compile(r"^[A-Za-z0-9:._/-]{1,40}$")
 
@@ -348,6 +352,7 @@ def _build(values: dict[str, dict[str, Any]], env: Mapping[str, str], source: st
             api_key = Path(key_file).expanduser().read_text().strip()
         except OSError as exc:
             raise _KeyProblem("polygon", "api_key_file", f"cannot read: {exc.strerror}") from None
+    api_key = _credential(env, API_KEY_CREDENTIAL) or api_key
     for name in API_KEY_ENV:
         if env.get(name):
             api_key = env[name].strip()
@@ -355,7 +360,8 @@ def _build(values: dict[str, dict[str, Any]], env: Mapping[str, str], source: st
     polygon = PolygonConfig(api_key=Secret(api_key), **pol)
 
     db = dict(values.get("database", {}))
-    url = env.get(DATABASE_URL_ENV) or db.pop("url", "")
+    url = (env.get(DATABASE_URL_ENV) or _credential(env, DATABASE_URL_CREDENTIAL)
+           or db.pop("url", ""))
     db.pop("url", None)
     database = DatabaseConfig(url=Secret(url) if url else None, **db)
 
@@ -393,6 +399,17 @@ def _build(values: dict[str, dict[str, Any]], env: Mapping[str, str], source: st
         instance=daemon.get("instance") or _default_instance(),
         source=source,
     )
+
+
+def _credential(env: Mapping[str, str], name: str) -> str:
+    """The systemd credential `name` (stripped), or "" when there is none."""
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return ""
+    try:
+        return (Path(directory) / name).read_text().strip()
+    except OSError:
+        return ""
 
 
 def _default_instance() -> str:

@@ -352,7 +352,7 @@ class PolygonClient:
             )
 
         retrying = AsyncRetrying(
-            sleep=trio.sleep,
+            sleep=self._limiter.sleep,  # trio.sleep that a stop (limiter.close) cuts short
             stop=stop_after_attempt(retry.attempts),  # not stop_after_delay: that reads real time
             wait=wait,
             retry=retry_if_exception_type(RETRYABLE),

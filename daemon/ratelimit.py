@@ -16,6 +16,11 @@ configured, the vendor's own accounting), so `on_rate_limited` slows the bucket 
 when the server said `Retry-After`, holds every token until then. Successes then give the rate
 back step by step (additive increase, multiplicative decrease, as in TCP).
 
+Stopping: `close()` refuses every request not yet granted (those waiting for a slot or a token,
+and any later one) with `trio.ClosedResourceError`, while granted ones run to their end; a
+retry's backoff sleeping in `sleep()` ends at once the same way. That is
+how a graceful stop starts no new request yet lets the pages in flight land.
+
 Everything reads `trio.current_time()` and sleeps with trio, so a `MockClock` test sees exact
 schedules.
 """
@@ -106,6 +111,8 @@ class RateLimiter:
         self._in_flight = 0
         self._waiting = 0
         self._granted = 0
+        self._closed = False
+        self._waiters: set[trio.CancelScope] = set()  # one per request not yet granted
 
     @asynccontextmanager
     async def request(self) -> AsyncIterator[Grant]:
@@ -115,19 +122,27 @@ class RateLimiter:
         retry's backoff sleep, which would hold a slot idle), and pass `grant` to
         `on_rate_limited` / `on_success` when the answer comes.
         """
+        if self._closed:
+            raise trio.ClosedResourceError("the rate limiter is closed (stopping)")
         # Not the task: CapacityLimiter refuses a second slot to one borrower, and a task may
         # well have two requests open (a test, a probe inside a job).
         borrower = object()
         self._waiting += 1
+        waiting = trio.CancelScope()  # cancelled by close()
+        self._waiters.add(waiting)
         try:
-            await self._slots.acquire_on_behalf_of(borrower)
-            try:
-                grant = await self._take_token()
-            except BaseException:
-                self._slots.release_on_behalf_of(borrower)
-                raise
+            with waiting:
+                await self._slots.acquire_on_behalf_of(borrower)
+                try:
+                    grant = await self._take_token()
+                except BaseException:
+                    self._slots.release_on_behalf_of(borrower)
+                    raise
         finally:
             self._waiting -= 1
+            self._waiters.discard(waiting)
+        if waiting.cancelled_caught:
+            raise trio.ClosedResourceError("the rate limiter is closed (stopping)")
         self._in_flight += 1
         try:
             yield grant
@@ -191,6 +206,37 @@ class RateLimiter:
 
     def _is_echo(self, grant: Grant | None) -> bool:
         return grant is not None and grant.number <= self._slowed_after
+
+    def close(self) -> None:
+        """Grant nothing more: waiting and later requests raise trio.ClosedResourceError.
+
+        Requests already granted are not touched. Idempotent; there is no reopening.
+        """
+        self._closed = True
+        for scope in self._waiters:
+            scope.cancel()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def sleep(self, seconds: float) -> None:
+        """`trio.sleep` for a retry's backoff that a `close()` ends at once.
+
+        Error handling: raises trio.ClosedResourceError when the limiter is or becomes closed:
+        the retry it waits for would be refused anyway.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the rate limiter is closed (stopping)")
+        waiting = trio.CancelScope()
+        self._waiters.add(waiting)
+        try:
+            with waiting:
+                await trio.sleep(seconds)
+        finally:
+            self._waiters.discard(waiting)
+        if waiting.cancelled_caught:
+            raise trio.ClosedResourceError("the rate limiter is closed (stopping)")
 
     def set_rate(self, requests_per_minute: float) -> None:
         """Live reload: a new configured rate, in force at once (any slowdown is forgotten)."""

@@ -136,3 +136,20 @@ def test_timeframe_grammar() -> None:
     assert parse_timeframe("1mo").timespan == "month"
     assert parse_timeframe("4h").timespan == "hour"
     assert parse_timeframe("4h").intraday and not parse_timeframe("1d").intraday
+
+
+def test_systemd_credentials_below_env_above_file(tmp_path: Path) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "polygon-api-key").write_text("from-credential\n")
+    (creds / "database-url").write_text("postgresql://u:pw@db/x\n")
+    text = '[polygon]\napi_key = "from-file"\n'
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    config = parse_config(text, env=env)
+    assert config.polygon.api_key == Secret("from-credential")
+    assert config.database.url == Secret("postgresql://u:pw@db/x")
+    config = parse_config(text, env={**env, "POLYGON_API_KEY": "from-env"})
+    assert config.polygon.api_key == Secret("from-env")
+    # no credential of that name: the file's key stands
+    assert parse_config(text, env={"CREDENTIALS_DIRECTORY": str(tmp_path)}).polygon.api_key == (
+        Secret("from-file"))

@@ -659,3 +659,25 @@ async def test_statistics_is_frozen() -> None:
     assert snapshot == ClientStatistics(0, 0, 0, 0, 0, 0, 0)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         snapshot.pages = 1  # type: ignore[misc]
+
+
+async def test_a_stop_cuts_a_retry_backoff_short(autojump_clock: trio.testing.MockClock) -> None:
+    # 503, then a 100 s backoff: closing the limiter (a SIGTERM) at t=5 ends the wait at once
+    # and the retry is never sent.
+    api = Api(raw(503, b""))
+    limiter = RateLimiter(0, max_in_flight=4)
+    slow = RetryConfig(attempts=5, min_seconds=100.0, max_seconds=300.0)
+    async with make_client(api, retry=slow, limiter=limiter) as client:
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(trio.ClosedResourceError):
+                async with aclosing(client.pages("AAPL", DAY, FROM, TO)) as stream:
+                    nursery.start_soon(_close_after, limiter, 5.0)
+                    async for _ in stream:
+                        pass  # pragma: no cover
+            assert trio.current_time() == 5.0
+    assert api.times == [0.0]
+
+
+async def _close_after(limiter: RateLimiter, seconds: float) -> None:
+    await trio.sleep(seconds)
+    limiter.close()

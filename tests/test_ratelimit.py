@@ -263,3 +263,57 @@ def test_statistics_outside_trio() -> None:
 def test_bad_arguments(rate: float, cap: int) -> None:
     with pytest.raises(ValueError):
         RateLimiter(rate, max_in_flight=cap)
+
+
+async def test_close_refuses_waiting_and_later_requests_not_granted_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 60/min: tokens at 0, 1, 2, ...; one request in flight holds its slot for 5 s.
+    limiter = RateLimiter(60, max_in_flight=16)
+    outcomes: dict[int, str] = {}
+
+    async def request(i: int) -> None:
+        await trio.sleep(0.01 * i)  # arrive in order
+        try:
+            async with limiter.request():
+                await trio.sleep(5)
+                outcomes[i] = f"done at {trio.current_time():g}"
+        except trio.ClosedResourceError:
+            outcomes[i] = f"refused at {trio.current_time():g}"
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(request, i)
+        await trio.sleep(1.5)  # #0 granted at 0, #1 at 1, #2 waits for its token at 2
+        limiter.close()
+        assert limiter.closed
+    assert outcomes == {0: "done at 5", 1: "done at 6", 2: "refused at 1.5"}
+    with pytest.raises(trio.ClosedResourceError):
+        async with limiter.request():
+            pass  # pragma: no cover
+    stats = limiter.statistics()
+    assert (stats.in_flight, stats.waiting, stats.total_granted) == (0, 0, 2)
+
+
+async def test_close_refuses_requests_waiting_for_a_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = RateLimiter(0, max_in_flight=1)
+    outcomes: list[str] = []
+
+    async def request() -> None:
+        try:
+            async with limiter.request():
+                await trio.sleep(2)
+                outcomes.append("done")
+        except trio.ClosedResourceError:
+            outcomes.append("refused")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        nursery.start_soon(request)
+        await trio.sleep(1)
+        limiter.close()
+    assert sorted(outcomes) == ["done", "refused"]
+    # the refused request gave its place back: nothing is left borrowed
+    assert limiter._slots.borrowed_tokens == 0
