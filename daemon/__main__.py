@@ -1,7 +1,8 @@
-"""The `backfilld` command: run, demo, migrate, check-config, simulate.
+"""The `backfilld` command: run, demo, migrate, check-config, simulate, status.
 
-Exit codes: 0 success; 1 `run --once` finished with failed jobs; 2 bad config or usage;
-3 database unreachable or migration failed; 130 stopped by a second interrupt.
+Exit codes: 0 success; 1 `run --once` finished with failed jobs, or `status` found the daemon
+unhealthy; 2 bad config or usage; 3 database unreachable or migration failed; 4 `status` could
+not reach the daemon; 130 stopped by a second interrupt.
 """
 
 from __future__ import annotations
@@ -30,16 +31,24 @@ def _load(path: str) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import faulthandler
+
     from .app import EXIT_FORCED, Daemon
     from .embedded import database_url
     from .log import setup_logging
     from .report import print_failures
+    from .systemd import Notifier
 
+    # Read (and remove) NOTIFY_SOCKET & co. before any child process (the embedded PostgreSQL)
+    # could inherit them. A watchdog abort (SIGABRT) prints every thread's stack to the journal.
+    notifier = Notifier.from_environment()
+    faulthandler.enable(all_threads=True)
     config = _load(args.config)
     setup_logging(config.logging.level, config.logging.format)
     url = config.database.url.reveal() if config.database.url else None
+    notifier.notify(STATUS="starting embedded PostgreSQL" if url is None else "starting")
     with database_url(url, config.state_dir) as db_url:
-        daemon = Daemon(config, db_url, config_path=Path(args.config))
+        daemon = Daemon(config, db_url, config_path=Path(args.config), notifier=notifier)
         cycle = trio.run(lambda: daemon.run(once=args.once))
     if daemon.forced:
         return EXIT_FORCED
@@ -88,6 +97,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status_cli import run_status
+
+    return run_status(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -97,6 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
     from .simulator.server import add_simulate_arguments
+    from .status_cli import add_status_arguments
 
     parser = argparse.ArgumentParser(
         prog="backfilld",
@@ -120,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="serve a Polygon-compatible API on loopback")
     add_simulate_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)
+    status = sub.add_parser("status", help="what a running daemon is doing, as tables")
+    add_status_arguments(status, DEFAULT_CONFIG)
+    status.set_defaults(func=cmd_status)
     demo = sub.add_parser("demo", help="a complete backfill against the simulator, in a minute")
     add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)

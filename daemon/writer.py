@@ -16,11 +16,15 @@ Error handling:
   (idempotent), for as long as it takes; producers wait on the full channel meanwhile.
 - A statement rejected for its data: the job is marked failed (`JobState.write_error`), its later
   pages are dropped unwritten so its checkpoint never passes the hole, and the writer goes on.
+
+Monitoring rows (daemon.monitoring) ride in the same transactions: a page's freshness with its
+bars, a job's result row with its JobDone.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -29,7 +33,7 @@ import psycopg
 import trio
 from loguru import logger
 
-from . import db
+from . import db, monitoring
 from .bars import Bar
 from .errors import DatabaseError, redact
 
@@ -97,6 +101,7 @@ class JobState:
     fetch_error: str | None = None
     write_error: str | None = None
     cancelled: bool = False
+    execution_id: uuid.UUID | None = None  # the cycle's `executions` row, when there is one
     done: trio.Event = attrs.field(factory=trio.Event)
 
     @property
@@ -110,9 +115,11 @@ class JobState:
 
 class Message(Protocol):
     """What the writer accepts: `apply` runs in a worker thread inside a transaction,
-    `committed` back in trio after the commit, `failed` when the data was rejected."""
+    `committed` back in trio after the commit. `job` is None for a message that belongs to no
+    job (daemon.monitoring's execution rows)."""
 
-    job: JobState
+    @property
+    def job(self) -> JobState | None: ...
 
     def apply(self, cur: psycopg.Cursor, writer: Writer) -> None: ...
 
@@ -147,6 +154,7 @@ class PageWrite:
                 "covered_through": db.from_ms(max(last, first)),
             },
         )
+        monitoring.record_page(cur, self.job, max(first, last))
 
     def committed(self, writer: Writer, seconds: float) -> None:
         first, last = self.bars[0].t, self.bars[-1].t
@@ -164,10 +172,13 @@ class JobDone:
     job: JobState
 
     def apply(self, cur: psycopg.Cursor, writer: Writer) -> None:
-        del cur, writer  # nothing to write yet; the marker orders completion after the pages
+        del writer  # the marker orders completion after the pages; it records the result
+        monitoring.record_job_done(cur, self.job)
 
     def committed(self, writer: Writer, seconds: float) -> None:
         self.job.db_seconds += seconds
+        if not self.job.ok and not self.job.cancelled:
+            writer.note_error(f"{self.job.symbol} {self.job.timeframe}: {self.job.error}")
         self.job.done.set()
 
 
@@ -188,6 +199,8 @@ class WriterStatistics:
     last_write_seconds: float | None
     busy_since: float | None  # trio time the current write began; None when idle
     last_progress: float  # trio time of the last commit or of going idle
+    last_error: str | None = None  # the last failed job or rejected write, for /status
+    last_error_at: float | None = None  # its wall time (Unix seconds)
 
 
 def open_writer_channel(
@@ -211,7 +224,8 @@ class Writer:
         self._receive = receive
         self._conn: psycopg.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
-        self._on_commit = on_commit
+        # Called after each page commits with (bars, seconds): daemon.metrics sets it.
+        self.on_commit = on_commit
         self.partitions: set[int] = set()
         self._pages = 0
         self._bars = 0
@@ -222,6 +236,7 @@ class Writer:
         self._last_seconds: float | None = None
         self._busy_since: float | None = None
         self._last_progress = 0.0
+        self._last_error: tuple[float, str] | None = None
 
     def statistics(self) -> WriterStatistics:
         stats = self._receive.statistics()
@@ -237,13 +252,19 @@ class Writer:
             last_write_seconds=self._last_seconds,
             busy_since=self._busy_since,
             last_progress=self._last_progress,
+            last_error=self._last_error[1] if self._last_error else None,
+            last_error_at=self._last_error[0] if self._last_error else None,
         )
+
+    def note_error(self, text: str) -> None:
+        """Remember `text` as the last error (a failed job, a rejected write)."""
+        self._last_error = (time.time(), text)
 
     def count_page(self, bars: int, seconds: float) -> None:
         self._pages += 1
         self._bars += bars
-        if self._on_commit is not None:
-            self._on_commit(bars, seconds)
+        if self.on_commit is not None:
+            self.on_commit(bars, seconds)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, report started, then write every message until the channel closes."""
@@ -261,7 +282,7 @@ class Writer:
 
     async def _write(self, message: Message) -> None:
         job = message.job
-        if isinstance(message, PageWrite) and job.write_error is not None:
+        if isinstance(message, PageWrite) and message.job.write_error is not None:
             return  # a page after a rejected one: writing it would leave a hole behind it
         delay = RECONNECT_MIN_SECONDS
         while True:
@@ -281,8 +302,16 @@ class Writer:
             except (psycopg.Error, OverflowError, ValueError, TypeError) as exc:
                 # Rejected data (by the server, or by the COPY encoder before it was sent).
                 self._errors += 1
-                job.write_error = f"database rejected the page: {redact(str(exc)).strip()}"
+                what = "page" if isinstance(message, PageWrite) else type(message).__name__
+                error = f"database rejected the {what}: {redact(str(exc)).strip()}"
+                self.note_error(error if job is None else f"{job.symbol} {job.timeframe}: {error}")
+                if job is None:
+                    logger.error(error)
+                    return
+                job.write_error = error
                 logger.bind(symbol=job.symbol, timeframe=job.timeframe).error(job.write_error)
+                if isinstance(message, JobDone):
+                    job.done.set()  # its producer waits for this, and nothing else would set it
                 return
             finally:
                 self._busy_since = None

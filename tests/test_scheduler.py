@@ -247,3 +247,62 @@ async def test_reload_adds_and_removes_mid_cycle(autojump_clock: trio.abc.Clock)
     # C joined the running cycle as soon as B's slot freed (t=20)
     assert first_calls(client)["C"] - t0 == 20.0
     assert by_symbol["C"].ok and cycle.ok
+
+
+async def test_reload_adds_timeframe_to_running_symbol(autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A"], timeframes=["1d"], start="2024-01-02")
+    client = ScriptedClient(seconds=10.0, pages=3)
+    sched, receive = make(cfg, client)
+    t0 = trio.current_time()
+
+    async def reload_later() -> None:
+        await trio.sleep(5)
+        sched.update_config(config(symbols=["A"], timeframes=["1d", "5m"], start="2024-01-02"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        nursery.start_soon(reload_later)
+        cycle = await sched.run(once=True)
+    # A plans again when its 1d job ends (t=30): the new 5m only, 1d is not fetched twice
+    assert [(t - t0, tf) for t, _, tf in client.calls] == [
+        (0, "1d"), (10, "1d"), (20, "1d"), (30, "5m"), (40, "5m"), (50, "5m")]
+    assert cycle is not None and cycle.ok and len(cycle.jobs) == 2
+
+
+async def test_reload_of_refresh_minutes_moves_the_next_cycle(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    cfg = config(symbols=["A"], timeframes=["1d"], start="2024-01-02", refresh_minutes=60)
+    client = ScriptedClient(seconds=1.0)
+    sched, receive = make(cfg, client)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        nursery.start_soon(sched.run)
+        await trio.sleep(100)
+        assert sched.next_cycle_at == t0 + 3600
+        sched.update_config(config(symbols=["A"], timeframes=["1d"], start="2024-01-02",
+                                   refresh_minutes=10))
+        await trio.sleep(1300)
+        sched.request_stop()
+    assert [t - t0 for t, _, _ in client.calls] == [0.0, 600.0, 1200.0]
+
+
+async def test_stop_starts_no_symbol_that_waits_for_a_slot(autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A", "B"], timeframes=["1d"], start="2024-01-02",
+                 max_concurrent_symbols=1)
+    client = ScriptedClient(seconds=10.0, pages=2)
+    sched, receive = make(cfg, client)
+
+    async def stop_later() -> None:
+        await trio.sleep(5)
+        sched.request_stop()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        nursery.start_soon(stop_later)
+        cycle = await sched.run(once=True)
+    # A finishes the page it was on and stops; B never starts
+    assert [s for _, s, _ in client.calls] == ["A"]
+    assert cycle is not None and [j.symbol for j in cycle.jobs] == ["A"]
+    assert cycle.jobs[0].cancelled and cycle.jobs[0].bars_written == 1

@@ -1,0 +1,367 @@
+"""Monitoring rows (sql/003_monitoring.sql): written by the writer inside the data's transactions,
+read back for the status endpoints on short-lived connections of their own.
+
+Why in the same transactions: a page's `series_freshness.last_bar_ts` commits with the page's
+bars, and a job's `job_results` row and its `executions` counters commit with the job's last
+message, so what the status endpoints read can never claim data that is not there (or miss data
+that is). Nothing here opens a connection: the helpers take the writer's cursor.
+
+- `record_page(cur, job, last_bar_ms)`: called by `PageWrite.apply`.
+- `record_job_done(cur, job)`: called by `JobDone.apply`.
+- `ExecutionStarted` / `ExecutionFinished`: writer messages the scheduler sends at the start
+  and end of each cycle, through the same channel, so they are ordered with the jobs' messages.
+- `check_database`, `read_freshness`, `read_history`: synchronous readers for daemon.status,
+  run in worker threads, each on its own connection with short connect and statement timeouts
+  (never the writer's: a slow status query must not delay a page).
+
+Error handling: a statement failing in a writer message fails the whole message like any other
+rejected write (the writer logs it and goes on); these rows are ours, so that means a bug, not
+bad data. The readers raise DatabaseError (password redacted) and nothing else from psycopg.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import psycopg
+
+from .db import Migration, from_ms, pending_migrations, to_ms
+from .errors import DatabaseError
+
+if TYPE_CHECKING:
+    from .writer import JobState, Writer
+
+__all__ = [
+    "ExecutionFinished",
+    "ExecutionStarted",
+    "Freshness",
+    "JobRow",
+    "check_database",
+    "job_status",
+    "read_freshness",
+    "read_history",
+    "record_job_done",
+    "record_page",
+]
+
+# Readers' limits: a status request must answer (503 with the reason) rather than hang.
+READ_CONNECT_TIMEOUT_SECONDS = 2
+READ_STATEMENT_TIMEOUT_MS = 3000
+# Failed jobs listed per execution in the history; the rest are counted, not listed.
+HISTORY_FAILED_JOBS = 50
+
+_FRESHNESS_PAGE = """
+INSERT INTO series_freshness AS f (symbol, timeframe, last_bar_ts, last_attempt_at)
+VALUES (%(symbol)s, %(timeframe)s, %(last_bar)s, now())
+ON CONFLICT (symbol, timeframe) DO UPDATE SET
+    last_bar_ts = GREATEST(f.last_bar_ts, EXCLUDED.last_bar_ts),
+    last_attempt_at = EXCLUDED.last_attempt_at
+"""
+# GREATEST and COALESCE skip nulls: a failed job leaves the success columns as they were, a
+# successful one leaves the last error (with its time) for the operator to see.
+_FRESHNESS_DONE = """
+INSERT INTO series_freshness AS f
+    (symbol, timeframe, last_success_at, checked_through, last_attempt_at, last_error,
+     last_error_at)
+VALUES (%(symbol)s, %(timeframe)s,
+        CASE WHEN %(ok)s THEN now() END,
+        CASE WHEN %(ok)s THEN LEAST(now(), %(to_ts)s) END,
+        now(), %(error)s::text,
+        CASE WHEN %(error)s::text IS NOT NULL THEN now() END)
+ON CONFLICT (symbol, timeframe) DO UPDATE SET
+    last_success_at = COALESCE(EXCLUDED.last_success_at, f.last_success_at),
+    checked_through = GREATEST(f.checked_through, EXCLUDED.checked_through),
+    last_attempt_at = EXCLUDED.last_attempt_at,
+    last_error = COALESCE(EXCLUDED.last_error, f.last_error),
+    last_error_at = COALESCE(EXCLUDED.last_error_at, f.last_error_at)
+"""
+# A series can run twice in one execution (a reload re-queues a finished symbol): one row per
+# series, its counts summed, its status and error the latest.
+_JOB_RESULT = """
+INSERT INTO job_results AS r
+    (symbol, timeframe, execution_id, status, from_ts, to_ts, bars, pages, attempts,
+     api_seconds, db_seconds, error)
+VALUES (%(symbol)s, %(timeframe)s, %(execution_id)s, %(status)s, %(from_ts)s, %(to_ts)s,
+        %(bars)s, %(pages)s, %(attempts)s, %(api_seconds)s, %(db_seconds)s, %(error)s)
+ON CONFLICT (symbol, timeframe, execution_id) DO UPDATE SET
+    status = EXCLUDED.status,
+    from_ts = LEAST(r.from_ts, EXCLUDED.from_ts),
+    to_ts = GREATEST(r.to_ts, EXCLUDED.to_ts),
+    bars = r.bars + EXCLUDED.bars,
+    pages = r.pages + EXCLUDED.pages,
+    attempts = r.attempts + EXCLUDED.attempts,
+    api_seconds = r.api_seconds + EXCLUDED.api_seconds,
+    db_seconds = r.db_seconds + EXCLUDED.db_seconds,
+    error = EXCLUDED.error,
+    finished_at = now()
+"""
+_EXECUTION_JOB = """
+UPDATE executions SET
+    jobs_ok = jobs_ok + (%(status)s = 'ok')::int,
+    jobs_failed = jobs_failed + (%(status)s = 'failed')::int,
+    jobs_cancelled = jobs_cancelled + (%(status)s = 'cancelled')::int,
+    bars_written = bars_written + %(bars)s
+WHERE id = %(execution_id)s
+"""
+_EXECUTION_START = """
+INSERT INTO executions (id, instance, number, trigger, started_at)
+VALUES (%(id)s, %(instance)s, %(number)s, %(trigger)s, %(started_at)s)
+ON CONFLICT (id) DO NOTHING
+"""
+_EXECUTION_FINISH = """
+UPDATE executions SET
+    status = %(status)s, finished_at = %(finished_at)s, duration_seconds = %(duration)s,
+    jobs_total = %(jobs_total)s, jobs_ok = %(jobs_ok)s, jobs_failed = %(jobs_failed)s,
+    jobs_cancelled = %(jobs_cancelled)s, bars_written = %(bars_written)s,
+    requests = %(requests)s, rate_limited = %(rate_limited)s, retries = %(retries)s,
+    error = %(error)s
+WHERE id = %(id)s
+"""
+# Failures the writer never saw (a symbol whose checkpoints could not be read never sent a
+# message): recorded at the end; rows the jobs wrote themselves are left as they are.
+_JOB_RESULT_LATE = _JOB_RESULT.split("ON CONFLICT")[0] + "ON CONFLICT DO NOTHING"
+
+
+def job_status(job: JobState) -> str:
+    """ok / failed / cancelled: the `status` of the job's row."""
+    if job.ok:
+        return "ok"
+    return "cancelled" if job.cancelled and job.error is None else "failed"
+
+
+def record_page(cur: psycopg.Cursor, job: JobState, last_bar_ms: int) -> None:
+    """The series' newest bar, in the page's transaction."""
+    cur.execute(_FRESHNESS_PAGE, {"symbol": job.symbol, "timeframe": job.timeframe,
+                                  "last_bar": from_ms(last_bar_ms)})
+
+
+def record_job_done(cur: psycopg.Cursor, job: JobState) -> None:
+    """The job's result row, its execution's counters and the series' freshness, in JobDone's
+    transaction. A job outside any execution (tests, tools) records freshness only."""
+    status = job_status(job)
+    row = JobRow.of(job)
+    if job.execution_id is not None:
+        cur.execute(_JOB_RESULT, row.params(job.execution_id))
+        cur.execute(_EXECUTION_JOB, {"status": status, "bars": job.bars_written,
+                                     "execution_id": job.execution_id})
+    if job.timeframe != "*":
+        cur.execute(_FRESHNESS_DONE, {
+            "symbol": job.symbol, "timeframe": job.timeframe, "ok": status == "ok",
+            "to_ts": from_ms(job.to_ms), "error": job.error,
+        })
+
+
+@attrs.frozen
+class JobRow:
+    """A job's result as stored: a snapshot, so a message never reads a JobState later."""
+
+    symbol: str
+    timeframe: str
+    status: str
+    from_ms: int
+    to_ms: int
+    bars: int
+    pages: int
+    attempts: int
+    api_seconds: float
+    db_seconds: float
+    error: str | None
+
+    @classmethod
+    def of(cls, job: JobState) -> JobRow:
+        return cls(job.symbol, job.timeframe, job_status(job), job.from_ms, job.to_ms,
+                   job.bars_written, job.pages_fetched, job.attempts, job.api_seconds,
+                   job.db_seconds, job.error)
+
+    def params(self, execution_id: uuid.UUID) -> dict[str, object]:
+        return {
+            "symbol": self.symbol, "timeframe": self.timeframe, "execution_id": execution_id,
+            "status": self.status, "from_ts": from_ms(self.from_ms), "to_ts": from_ms(self.to_ms),
+            "bars": self.bars, "pages": self.pages, "attempts": self.attempts,
+            "api_seconds": self.api_seconds, "db_seconds": self.db_seconds, "error": self.error,
+        }
+
+
+def _wall(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
+
+
+@attrs.frozen
+class ExecutionStarted:
+    """The cycle's `executions` row, before any of its jobs' rows (the channel keeps order)."""
+
+    id: uuid.UUID
+    instance: str
+    number: int
+    trigger: str
+    started_wall: float
+    job: None = None  # the writer's messages may carry a job; this one has none
+
+    def apply(self, cur: psycopg.Cursor, writer: Writer) -> None:
+        del writer
+        cur.execute(_EXECUTION_START, {
+            "id": self.id, "instance": self.instance, "number": self.number,
+            "trigger": self.trigger, "started_at": _wall(self.started_wall),
+        })
+
+    def committed(self, writer: Writer, seconds: float) -> None:
+        del writer, seconds
+
+
+@attrs.frozen
+class ExecutionFinished:
+    """The cycle's totals: status, duration, jobs, bars, and the requests/429s/retries it sent.
+
+    `late_failures` are failed jobs that never reached the writer (see `_JOB_RESULT_LATE`).
+    """
+
+    id: uuid.UUID
+    status: str  # ok / failed / interrupted
+    finished_wall: float
+    duration_seconds: float
+    jobs_total: int
+    jobs_ok: int
+    jobs_failed: int
+    jobs_cancelled: int
+    bars_written: int
+    requests: int
+    rate_limited: int
+    retries: int
+    error: str | None = None
+    late_failures: tuple[JobRow, ...] = ()
+    job: None = None
+
+    def apply(self, cur: psycopg.Cursor, writer: Writer) -> None:
+        del writer
+        if self.late_failures:
+            cur.executemany(_JOB_RESULT_LATE, [row.params(self.id) for row in self.late_failures])
+        cur.execute(_EXECUTION_FINISH, {
+            "id": self.id, "status": self.status, "finished_at": _wall(self.finished_wall),
+            "duration": self.duration_seconds, "jobs_total": self.jobs_total,
+            "jobs_ok": self.jobs_ok, "jobs_failed": self.jobs_failed,
+            "jobs_cancelled": self.jobs_cancelled, "bars_written": self.bars_written,
+            "requests": self.requests, "rate_limited": self.rate_limited,
+            "retries": self.retries, "error": self.error,
+        })
+
+    def committed(self, writer: Writer, seconds: float) -> None:
+        del writer, seconds
+
+
+# --- readers (worker threads, own connections) ------------------------------------------------
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+@contextmanager
+def _reader(url: str) -> Iterator[psycopg.Connection]:
+    try:
+        conn = psycopg.connect(
+            url, autocommit=True, connect_timeout=READ_CONNECT_TIMEOUT_SECONDS,
+            application_name="backfilld-status",
+            options=f"-c statement_timeout={READ_STATEMENT_TIMEOUT_MS}",
+        )
+    except psycopg.Error as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {_one_line(exc)}") from None
+    try:
+        yield conn
+    except psycopg.Error as exc:
+        raise DatabaseError(f"query failed: {_one_line(exc)}") from None
+    finally:
+        conn.close()
+
+
+def check_database(url: str, migrations: list[Migration]) -> str | None:
+    """None when the database answers and every migration is applied, else the reason."""
+    try:
+        with _reader(url) as conn:
+            pending = pending_migrations(conn, migrations)
+    except DatabaseError as exc:
+        return str(exc)
+    if pending:
+        names = ", ".join(f"{m.version:03d}_{m.name}" for m in pending)
+        return f"{len(pending)} migration(s) not applied: {names} (run `backfilld migrate`)"
+    return None
+
+
+@attrs.frozen
+class Freshness:
+    """A `series_freshness` row, times in Unix ms."""
+
+    last_bar_ms: int | None
+    last_success_ms: int | None
+    checked_through_ms: int | None
+    last_attempt_ms: int | None
+    last_error: str | None
+    last_error_ms: int | None
+
+
+def _ms(value: dt.datetime | None) -> int | None:
+    return None if value is None else to_ms(value)
+
+
+def read_freshness(url: str) -> dict[tuple[str, str], Freshness]:
+    """Every series' freshness row, keyed by (symbol, timeframe)."""
+    with _reader(url) as conn:
+        rows = conn.execute(
+            "SELECT symbol, timeframe, last_bar_ts, last_success_at, checked_through,"
+            " last_attempt_at, last_error, last_error_at FROM series_freshness"
+        ).fetchall()
+    return {(r[0], r[1]): Freshness(_ms(r[2]), _ms(r[3]), _ms(r[4]), _ms(r[5]), r[6], _ms(r[7]))
+            for r in rows}
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_EXECUTION_COLUMNS = (
+    "id", "instance", "number", "trigger", "status", "started_at", "finished_at",
+    "duration_seconds", "jobs_total", "jobs_ok", "jobs_failed", "jobs_cancelled",
+    "bars_written", "requests", "rate_limited", "retries", "error",
+)
+
+
+def read_history(url: str, limit: int) -> list[dict[str, Any]]:
+    """The `limit` latest executions, newest first, each with its failed jobs and their errors
+    (at most HISTORY_FAILED_JOBS listed; `jobs_failed` counts them all)."""
+    with _reader(url) as conn:
+        executions = conn.execute(
+            f"SELECT {', '.join(_EXECUTION_COLUMNS)} FROM executions"
+            " ORDER BY started_at DESC LIMIT %s", (limit,)
+        ).fetchall()
+        ids = [row[0] for row in executions]
+        failed = conn.execute(
+            "SELECT execution_id, symbol, timeframe, error, attempts, pages, bars, finished_at"
+            " FROM (SELECT *, row_number() OVER (PARTITION BY execution_id"
+            "                                    ORDER BY finished_at DESC, symbol, timeframe) n"
+            "       FROM job_results WHERE execution_id = ANY(%s) AND status = 'failed') f"
+            " WHERE n <= %s ORDER BY finished_at, symbol, timeframe",
+            (ids, HISTORY_FAILED_JOBS),
+        ).fetchall() if ids else []
+    by_execution: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    for eid, symbol, timeframe, error, attempts, pages, bars, finished in failed:
+        by_execution.setdefault(eid, []).append({
+            "symbol": symbol, "timeframe": timeframe, "error": error, "attempts": attempts,
+            "pages": pages, "bars": bars, "finished_at": _iso(finished),
+        })
+    out = []
+    for row in executions:
+        item = dict(zip(_EXECUTION_COLUMNS, row, strict=True))
+        item["id"] = str(item["id"])
+        item["started_at"] = _iso(item["started_at"])
+        item["finished_at"] = _iso(item["finished_at"])
+        if item["duration_seconds"] is not None:
+            item["duration_seconds"] = round(item["duration_seconds"], 3)
+        item["failed_jobs"] = by_execution.get(row[0], [])
+        out.append(item)
+    return out
