@@ -100,6 +100,8 @@ stagger_seconds = {0.5 / speed}
 [retry]
 min_seconds = {1.0 / speed}
 max_seconds = {300.0 / speed}
+[status]
+listen = "127.0.0.1:0"
 [logging]
 level = "error"
 """
@@ -108,8 +110,13 @@ level = "error"
 async def _progress(daemon: Daemon, total_jobs: int, started: float) -> None:
     tty = sys.stdout.isatty()
     every = 0.25 if tty else 5.0
+    announced = False
     while True:
         await trio.sleep(every)
+        if not announced and daemon.status_port:
+            announced = True
+            print(f"status endpoint: http://127.0.0.1:{daemon.status_port}/status "
+                  f"(or: backfilld status --url http://127.0.0.1:{daemon.status_port})")
         cycle = daemon.scheduler.cycle
         done = cycle.jobs_done if cycle else 0
         stats = daemon.client.statistics()

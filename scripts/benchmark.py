@@ -143,7 +143,8 @@ def bench_rate(server_url: str, rpm: float, latency_ms: str, symbols: int, secon
             f'[polygon]\nbase_url = "http://127.0.0.1:{port}"\napi_key = "k"\n'
             f"requests_per_minute = {rpm}\n"
             f"[backfill]\nsymbols = [{names}]\nhistory_days = 730\nstagger_seconds = 0.05\n"
-            "[retry]\nmin_seconds = 0.1\nmax_seconds = 5\n",
+            "[retry]\nmin_seconds = 0.1\nmax_seconds = 5\n"
+            '[status]\nlisten = "127.0.0.1:0"\n',
             env={},
         )
         daemon = Daemon(config, url)

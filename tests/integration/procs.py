@@ -71,7 +71,9 @@ def simulator(
 
 
 def write_config(path: Path, base_url: str, body: str) -> Path:
-    path.write_text(f'[polygon]\nbase_url = "{base_url}"\napi_key = "test-key"\n{body}')
+    """A config for the simulator at `base_url`; the status server on a free port."""
+    status = "" if "[status]" in body else '[status]\nlisten = "127.0.0.1:0"\n'
+    path.write_text(f'[polygon]\nbase_url = "{base_url}"\napi_key = "test-key"\n{body}{status}')
     return path
 
 
