@@ -37,7 +37,7 @@ import outcome
 import trio
 from loguru import logger
 
-from . import db, systemd
+from . import db, monitoring, systemd
 from .config import Config, load_config
 from .errors import ConfigError
 from .log import setup_logging
@@ -115,6 +115,11 @@ class Daemon:
         applied = await self._migrate()
         if applied:
             logger.info("applied migrations: {}", ", ".join(applied))
+        abandoned = await trio.to_thread.run_sync(
+            monitoring.close_abandoned_executions, self.db_url, self.config.instance)
+        if abandoned:
+            logger.info("marked {} unfinished execution(s) of a previous run as interrupted",
+                        abandoned)
         result: CycleProgress | None = None
         async with self.client, trio.open_nursery() as root:
             self._root = root

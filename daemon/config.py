@@ -413,7 +413,9 @@ def _credential(env: Mapping[str, str], name: str) -> str:
 
 
 def _default_instance() -> str:
-    return f"{os.uname().nodename}:{os.getpid()}"
+    """The host name: stable across restarts, so a restart can close its predecessor's
+    unfinished executions. Two daemons on one host need `[daemon] instance` set apart."""
+    return os.uname().nodename
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

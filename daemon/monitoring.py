@@ -10,6 +10,7 @@ that is). Nothing here opens a connection: the helpers take the writer's cursor.
 - `record_job_done(cur, job)`: called by `JobDone.apply`.
 - `ExecutionStarted` / `ExecutionFinished`: writer messages the scheduler sends at the start
   and end of each cycle, through the same channel, so they are ordered with the jobs' messages.
+- `close_abandoned_executions`: at start, closes the rows a killed process left 'running'.
 - `check_database`, `read_freshness`, `read_history`: synchronous readers for daemon.status,
   run in worker threads, each on its own connection with short connect and statement timeouts
   (never the writer's: a slow status query must not delay a page).
@@ -276,6 +277,23 @@ def _reader(url: str) -> Iterator[psycopg.Connection]:
         raise DatabaseError(f"query failed: {_one_line(exc)}") from None
     finally:
         conn.close()
+
+
+def close_abandoned_executions(url: str, instance: str) -> int:
+    """Mark this instance's executions that never finished as interrupted; return how many.
+
+    A cycle whose process was killed stays 'running' forever otherwise, and the history and
+    health endpoints would show a cycle that is not running. Called once at start, before this
+    process begins a cycle of its own, so every unfinished row of the instance is a dead one.
+    """
+    with _reader(url) as conn:
+        cur = conn.execute(
+            "UPDATE executions SET status = 'interrupted', finished_at = now(),"
+            " error = coalesce(error, 'the process ended before the cycle finished')"
+            " WHERE instance = %s AND finished_at IS NULL",
+            (instance,),
+        )
+        return cur.rowcount
 
 
 def check_database(url: str, migrations: list[Migration]) -> str | None:

@@ -3,7 +3,7 @@
 
 -- One row per scheduler cycle. Inserted when the cycle starts (status 'running'); the counters
 -- grow as its jobs finish (each in its job's own transaction); the totals are set when it ends.
--- A cycle whose process died stays 'running' with no finished_at.
+-- A cycle whose process died is marked 'interrupted' when its instance starts again.
 CREATE TABLE executions (
     id               uuid             PRIMARY KEY,
     instance         text             NOT NULL,  -- [daemon] instance: which daemon ran it

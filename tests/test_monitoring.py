@@ -261,3 +261,31 @@ async def test_an_interrupted_cycle_is_recorded_as_interrupted(database: str) ->
                 await scheduler.run_cycle("start")
     assert query(database, "SELECT status, finished_at IS NOT NULL FROM executions") == [
         ("interrupted", True)]
+
+
+def test_a_restart_closes_the_executions_its_killed_predecessor_left_running(
+    database: str,
+) -> None:
+    from daemon.monitoring import close_abandoned_executions
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        for instance, finished in (("box-1", None), ("box-1", None), ("box-2", None),
+                                   ("box-1", dt.datetime.now(dt.UTC))):
+            conn.execute(
+                "INSERT INTO executions (id, instance, number, trigger, started_at, finished_at,"
+                " status) VALUES (%s, %s, 1, 'start', now(), %s, %s)",
+                (uuid.uuid4(), instance, finished, "ok" if finished else "running"),
+            )
+    assert close_abandoned_executions(database, "box-1") == 2
+    assert close_abandoned_executions(database, "box-1") == 0
+    with psycopg.connect(database) as conn:
+        rows = conn.execute(
+            "SELECT instance, status, finished_at IS NOT NULL, error FROM executions"
+            " ORDER BY instance, status"
+        ).fetchall()
+    assert rows == [
+        ("box-1", "interrupted", True, "the process ended before the cycle finished"),
+        ("box-1", "interrupted", True, "the process ended before the cycle finished"),
+        ("box-1", "ok", True, None),
+        ("box-2", "running", False, None),  # another instance's cycle is left alone
+    ]

@@ -124,6 +124,12 @@ def test_sigkill_at_random_moments_then_resume_is_exact(database: str, tmp_path:
     # at least five kills landed mid-backfill, and progress survived each of them
     assert sum(0 < c < total for c in counts) >= 5, counts
     assert counts == sorted(counts)
+    # each restart closed the cycle its killed predecessor left running
+    with psycopg.connect(database) as conn:
+        statuses = dict(conn.execute(
+            "SELECT status, count(*) FROM executions GROUP BY status").fetchall())
+    assert statuses.get("running", 0) == 0 and statuses.get("interrupted", 0) >= 5, statuses
+    assert statuses.get("ok") == 1
     assert table(database) == truth(SEED, symbols, ["1h", "5m"], FROM_MS, TO_MS)
     assert duplicates(database) == 0
 
