@@ -15,10 +15,12 @@ from daemon import db
 from daemon.bars import Bar
 from daemon.config import parse_config
 from daemon.monitoring import ExecutionFinished, ExecutionStarted, JobRow
-from daemon.polygon import ClientStatistics
+from daemon.polygon import ClientStatistics, Page
 from daemon.scheduler import Scheduler
 from daemon.timeframes import Timeframe
 from daemon.writer import JobDone, JobState, PageWrite, Writer, open_writer_channel
+
+from .writing import write_all
 
 DAY = 86_400_000
 T0 = 1_700_000_000_000  # 2023-11-14
@@ -26,17 +28,6 @@ T0 = 1_700_000_000_000  # 2023-11-14
 
 def bar(t: int, n: int | None = 5) -> Bar:
     return Bar(t=t, o=10.0, h=12.0, l=9.0, c=10.0, v=1.5e4, vw=10.0, n=n)
-
-
-async def write_all(url: str, messages: list[object]) -> Writer:
-    send, receive = open_writer_channel(4)
-    writer = Writer(url, receive)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        async with send:
-            for m in messages:
-                await send.send(m)  # type: ignore[arg-type]
-    return writer
 
 
 def query(url: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
@@ -205,15 +196,9 @@ class CountingClient:
         self.total_requests += 3
         self.rate_limited += 1
         self.retries += 1
-        yield _Page([bar(from_ms - from_ms % DAY + DAY)], last=True)
+        yield Page([bar(from_ms - from_ms % DAY + DAY)], attempts=3, api_seconds=0.5, bytes=0,
+                   last=True)
 
-
-@attrs.frozen
-class _Page:
-    bars: list[Bar]
-    last: bool
-    attempts: int = 3
-    api_seconds: float = 0.5
 
 
 async def no_checkpoints(symbol: str) -> dict[tuple[str, str], db.Checkpoint]:

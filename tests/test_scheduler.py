@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator
 
-import attrs
 import pytest
 import trio
 
@@ -20,6 +19,7 @@ from daemon.bars import Bar
 from daemon.config import parse_config
 from daemon.errors import ApiAuthError, BadData
 from daemon.market_calendar import et_midnight_ms
+from daemon.polygon import Page
 from daemon.scheduler import Scheduler, plan_job
 from daemon.timeframes import Timeframe, parse_timeframe
 from daemon.writer import JobDone, Message, PageWrite, open_writer_channel
@@ -34,15 +34,6 @@ def config(extra: str = "", **backfill: object) -> object:
     return parse_config("[backfill]\n" + "\n".join(lines) + "\n" + extra, env={})
 
 
-@attrs.frozen
-class FakePage:
-    bars: list[Bar]
-    last: bool
-    attempts: int = 1
-    api_seconds: float = 0.0
-    bytes: int = 0
-
-
 class ScriptedClient:
     """Each job yields `pages` pages, each after `seconds` of virtual time."""
 
@@ -53,14 +44,15 @@ class ScriptedClient:
         self.fail: dict[str, Exception] = {}
 
     async def pages(self, symbol: str, timeframe: Timeframe, from_ms: int, to_ms: int
-                    ) -> AsyncIterator[FakePage]:
+                    ) -> AsyncIterator[Page]:
         for i in range(self.pages_per_job):
             self.calls.append((trio.current_time(), symbol, timeframe.label))
             if symbol in self.fail:
                 raise self.fail[symbol]
             await trio.sleep(self.seconds)
             bar = Bar(t=from_ms + i, o=1, h=1, l=1, c=1, v=1)
-            yield FakePage([bar], last=i == self.pages_per_job - 1)
+            yield Page([bar], attempts=1, api_seconds=0.0, bytes=0,
+                       last=i == self.pages_per_job - 1)
 
 
 async def acknowledge(receive: trio.MemoryReceiveChannel[Message]) -> None:

@@ -10,6 +10,8 @@ from daemon import db
 from daemon.bars import Bar
 from daemon.writer import JobDone, JobState, PageWrite, Writer, open_writer_channel
 
+from .writing import write_all
+
 DAY = 86_400_000
 T0 = 1_700_000_000_000  # 2023-11-14
 
@@ -24,17 +26,6 @@ def rows(url: str) -> list[tuple[object, ...]]:
             "SELECT symbol, timeframe, ts, open, high, low, close, volume, vwap, trades "
             "FROM bars ORDER BY symbol, timeframe, ts"
         ).fetchall()
-
-
-async def write_all(url: str, messages: list[object]) -> Writer:
-    send, receive = open_writer_channel(4)
-    writer = Writer(url, receive)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        async with send:
-            for m in messages:
-                await send.send(m)  # type: ignore[arg-type]
-    return writer
 
 
 async def test_page_and_checkpoint_commit_together(database: str) -> None:
