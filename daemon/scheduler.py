@@ -271,10 +271,7 @@ class Scheduler:
 
     def client_counters(self) -> tuple[int, int, int]:
         """The client's (total_requests, rate_limited_count, retries) so far."""
-        statistics = getattr(self._client, "statistics", None)  # scripted test clients have none
-        if statistics is None:
-            return (0, 0, 0)
-        stats = statistics()
+        stats = self._client.statistics()
         return (stats.total_requests, stats.rate_limited_count, stats.retries)
 
     async def _record_finish(self, cycle: CycleProgress, *, interrupted: bool) -> None:

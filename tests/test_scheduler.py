@@ -19,7 +19,7 @@ from daemon.bars import Bar
 from daemon.config import parse_config
 from daemon.errors import ApiAuthError, BadData
 from daemon.market_calendar import et_midnight_ms
-from daemon.polygon import Page
+from daemon.polygon import ClientStatistics, Page
 from daemon.scheduler import Scheduler, plan_job
 from daemon.timeframes import Timeframe, parse_timeframe
 from daemon.writer import JobDone, Message, PageWrite, open_writer_channel
@@ -42,6 +42,10 @@ class ScriptedClient:
         self.pages_per_job = pages
         self.calls: list[tuple[float, str, str]] = []
         self.fail: dict[str, Exception] = {}
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(total_requests=len(self.calls), rate_limited_count=0, retries=0,
+                                failures=0, bytes_received=0, pages=0, bars=0)
 
     async def pages(self, symbol: str, timeframe: Timeframe, from_ms: int, to_ms: int
                     ) -> AsyncIterator[Page]:
