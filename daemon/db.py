@@ -25,7 +25,7 @@ from pathlib import Path
 import attrs
 import psycopg
 
-from .errors import DatabaseError
+from .errors import DatabaseError, DatabaseUnavailable
 
 __all__ = [
     "Checkpoint",
@@ -58,7 +58,8 @@ def from_ms(ms: int) -> dt.datetime:
 
 
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
-    """Open a connection; raise DatabaseError (password redacted) when the server is not there."""
+    """Open a connection; raise DatabaseUnavailable (password redacted) when the server is not
+    there."""
     try:
         return psycopg.connect(
             url,
@@ -67,7 +68,7 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
             application_name="backfilld",
         )
     except psycopg.Error as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from None
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
 
 
 @contextmanager
@@ -167,6 +168,8 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
                     )
                 done.append(f"{m.version:03d}_{m.name}")
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_KEY,))
+        except psycopg.OperationalError as exc:  # each migration is one transaction: retry is safe
+            raise DatabaseUnavailable(f"migration interrupted: {exc}") from None
         except psycopg.Error as exc:
             raise DatabaseError(f"migration failed: {exc}") from None
     return done
@@ -189,6 +192,8 @@ def read_checkpoints(url: str, symbol: str | None = None) -> dict[tuple[str, str
                 " WHERE %(symbol)s::text IS NULL OR symbol = %(symbol)s",
                 {"symbol": symbol},
             ).fetchall()
+        except psycopg.OperationalError as exc:  # the server went away mid-query
+            raise DatabaseUnavailable(f"cannot read checkpoints: {exc}") from None
         except psycopg.Error as exc:
             raise DatabaseError(f"cannot read checkpoints: {exc}") from None
     return {(s, tf): Checkpoint(to_ms(a), to_ms(b)) for s, tf, a, b in rows}

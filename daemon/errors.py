@@ -14,7 +14,8 @@ secrets (API keys and database passwords are redacted before an exception is bui
     │   ├── ApiTransportError   connect/read failures, timeouts; retried
     │   └── BadResponse         truncated or unparseable body, `"results": null`; retried
     ├── BadData                 well-formed response whose bars fail validation; never written
-    ├── DatabaseError           PostgreSQL unreachable or a statement failed
+    ├── DatabaseError           PostgreSQL rejected a statement
+    │   └── DatabaseUnavailable PostgreSQL cannot be reached (yet); waited out, then reported
     └── EmbeddedPostgresError   the embedded server (pgserver) could not start
 """
 
@@ -33,6 +34,7 @@ __all__ = [
     "BadResponse",
     "ConfigError",
     "DatabaseError",
+    "DatabaseUnavailable",
     "EmbeddedPostgresError",
     "RateLimited",
     "redact",
@@ -134,6 +136,10 @@ class BadData(BackfilldError):
 
 class DatabaseError(BackfilldError):
     """PostgreSQL is unreachable or rejected a statement."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """No connection could be made: the server is down, restarting, or not up yet at boot."""
 
 
 class EmbeddedPostgresError(BackfilldError):
