@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from .embedded import embedded_postgres, psql_path, stop_embedded_postgres
 from .log import setup_logging
 from .report import format_table
 from .scheduler import CycleProgress
+from .simulator.process import simulator_process
 
 __all__ = ["DEMO_SYMBOLS", "add_demo_arguments", "run_demo"]
 
@@ -42,7 +41,6 @@ DEMO_SYMBOLS = (
 REAL_RATE_PER_MINUTE = 150
 REAL_LATENCY_MS = (2000, 4000)
 DEMO_DATABASE = "backfilld_demo"
-SIMULATOR_START_SECONDS = 15.0
 DEFAULT_STATE_DIR = "~/.local/state/backfilld-demo"
 
 
@@ -60,23 +58,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop the PostgreSQL a previous demo left running, then exit")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + SIMULATOR_START_SECONDS
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"backfilld demo: the simulator exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise SystemExit("backfilld demo: the simulator did not start listening")
-
-
 def _fresh_database(server_url: str) -> str:
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)")
@@ -84,12 +65,12 @@ def _fresh_database(server_url: str) -> str:
     return conninfo.make_conninfo(server_url, dbname=DEMO_DATABASE)
 
 
-def _demo_config(port: int, args: argparse.Namespace) -> str:
+def _demo_config(base_url: str, args: argparse.Namespace) -> str:
     symbols = ", ".join(f'"{s}"' for s in DEMO_SYMBOLS[: max(1, args.symbols)])
     speed = args.speed
     return f"""
 [polygon]
-base_url = "http://127.0.0.1:{port}"
+base_url = "{base_url}"
 api_key = "demo-key"
 requests_per_minute = {REAL_RATE_PER_MINUTE * speed}
 max_in_flight = 16
@@ -136,42 +117,34 @@ def run_demo(args: argparse.Namespace) -> int:
         print("stopped the demo database" if stopped else "no demo database was running")
         return 0
     state_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
     lo, hi = (int(ms / args.speed) for ms in REAL_LATENCY_MS)
-    sim_log = state_dir / "simulator.log"
     print(f"backfilld demo: {min(args.symbols, len(DEMO_SYMBOLS))} symbols x 5 timeframes x "
           f"{args.days} days at {REAL_RATE_PER_MINUTE} req/min, {REAL_LATENCY_MS[0] // 1000}-"
           f"{REAL_LATENCY_MS[1] // 1000} s latency, time-compressed x{args.speed:g}")
-    with open(sim_log, "wb") as log_file:
-        sim = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "simulate", "--port", str(port),
-             "--requests-per-minute", str(REAL_RATE_PER_MINUTE * args.speed),
-             "--latency-ms", f"{lo}-{hi}", "--fault-rate", str(args.fault_rate),
-             "--seed", "7"],
-            stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_for_port(port, sim)
-        with embedded_postgres(state_dir, keep_running=True) as server_url:
-            db_url = _fresh_database(server_url)
-            config = parse_config(_demo_config(port, args), source="<demo>")
-            daemon = Daemon(config, db_url)
-            total = len(config.backfill.symbols) * len(config.backfill.timeframes)
-            started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        try:
+            base_url = stack.enter_context(simulator_process(
+                requests_per_minute=REAL_RATE_PER_MINUTE * args.speed, latency_ms=f"{lo}-{hi}",
+                fault_rate=args.fault_rate, seed=7, log=state_dir / "simulator.log"))
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"backfilld demo: the simulator did not start: {exc}") from None
+        server = stack.enter_context(embedded_postgres(state_dir, keep_running=True))
+        db_url = _fresh_database(server)
+        config = parse_config(_demo_config(base_url, args), source="<demo>")
+        daemon = Daemon(config, db_url)
+        total = len(config.backfill.symbols) * len(config.backfill.timeframes)
+        started = time.monotonic()
 
-            async def main() -> CycleProgress | None:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_progress, daemon, total, started)
-                    result = await daemon.run(once=True)
-                    nursery.cancel_scope.cancel()
-                return result
+        async def main() -> CycleProgress | None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_progress, daemon, total, started)
+                result = await daemon.run(once=True)
+                nursery.cancel_scope.cancel()
+            return result
 
-            cycle = trio.run(main)
-            wall = time.monotonic() - started
-            sim_stats = httpx.get(f"http://127.0.0.1:{port}/__stats", timeout=5).json()
-    finally:
-        sim.terminate()
-        sim.wait(timeout=10)
+        cycle = trio.run(main)
+        wall = time.monotonic() - started
+        sim_stats = httpx.get(f"{base_url}/__stats", timeout=5).json()
     print()
     _print_summary(daemon, cycle, wall, args.speed, sim_stats, db_url)
     default_dir = Path(DEFAULT_STATE_DIR).expanduser()

@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,41 +49,16 @@ from daemon.demo import DEMO_SYMBOLS  # noqa: E402
 from daemon.embedded import embedded_postgres  # noqa: E402
 from daemon.log import setup_logging  # noqa: E402
 from daemon.scheduler import CycleProgress  # noqa: E402
+from daemon.simulator.process import simulator_process  # noqa: E402
 
 BOTTLENECK_SHARE = 0.60
 DATABASE = "backfilld_baseline"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def simulator(args: argparse.Namespace) -> Iterator[str]:
+def simulator(args: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
     """The simulator as a child process; yields its base URL."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "simulate", "--port", str(port),
-         "--requests-per-minute", str(args.sim_rpm), "--latency-ms", args.latency_ms,
-         "--fault-rate", str(args.fault_rate), "--seed", str(args.seed)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("baseline: the simulator did not start") from None
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    return simulator_process(requests_per_minute=args.sim_rpm, latency_ms=args.latency_ms,
+                             fault_rate=args.fault_rate, seed=args.seed)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from daemon.config import parse_config  # noqa: E402
 from daemon.embedded import embedded_postgres  # noqa: E402
 from daemon.log import setup_logging  # noqa: E402
 from daemon.simulator.data import ground_truth  # noqa: E402
+from daemon.simulator.process import simulator_process  # noqa: E402
 from daemon.timeframes import parse_timeframe  # noqa: E402
 from daemon.writer import JobDone, JobState, PageWrite, Writer, open_writer_channel  # noqa: E402
 
@@ -121,26 +121,10 @@ def bench_rate(server_url: str, rpm: float, latency_ms: str, symbols: int, secon
         conn.execute("DROP DATABASE IF EXISTS bench_rate WITH (FORCE)")
         conn.execute("CREATE DATABASE bench_rate")
     url = conninfo.make_conninfo(server_url, dbname="bench_rate")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "simulate", "--port", str(port),
-         "--requests-per-minute", str(rpm), "--latency-ms", latency_ms, "--seed", "3"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-    )
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    with simulator_process(requests_per_minute=rpm, latency_ms=latency_ms, seed=3) as base_url:
         names = ", ".join(f'"S{i}"' for i in range(symbols))
         config = parse_config(
-            f'[polygon]\nbase_url = "http://127.0.0.1:{port}"\napi_key = "k"\n'
+            f'[polygon]\nbase_url = "{base_url}"\napi_key = "k"\n'
             f"requests_per_minute = {rpm}\n"
             f"[backfill]\nsymbols = [{names}]\nhistory_days = 730\nstagger_seconds = 0.05\n"
             "[retry]\nmin_seconds = 0.1\nmax_seconds = 5\n"
@@ -157,9 +141,6 @@ def bench_rate(server_url: str, rpm: float, latency_ms: str, symbols: int, secon
         t = time.perf_counter()
         end = trio.run(main)
         elapsed = end - t
-    finally:
-        sim.terminate()
-        sim.wait()
     stats = daemon.client.statistics()
     achieved = stats.total_requests / elapsed * 60
     return {

@@ -32,13 +32,13 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import httpx
@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from daemon.demo import DEMO_SYMBOLS  # noqa: E402
 from daemon.embedded import embedded_postgres  # noqa: E402
+from daemon.simulator.process import free_port, simulator_process  # noqa: E402
 
 PATHS = (
     "/healthz",
@@ -181,12 +182,6 @@ async def load(url: str, clients: int, seconds: float, interval: float,
 # --- a backfill to load, when no --url is given ----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_until(check: object, what: str, procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
@@ -208,44 +203,42 @@ def backfill(args: argparse.Namespace) -> Iterator[str]:
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute("CREATE DATABASE loadtest")
         db_url = conninfo.make_conninfo(server, dbname="loadtest")
-        sim_port, status_port = _free_port(), _free_port()
-        names = ", ".join(f'"{s}"' for s in DEMO_SYMBOLS[: args.symbols])
-        config = Path(tmp) / "config.toml"
-        config.write_text(
-            f'[polygon]\nbase_url = "http://127.0.0.1:{sim_port}"\napi_key = "load"\n'
-            f"requests_per_minute = {args.rpm}\npage_limit = {args.page_limit}\n"
-            f"[backfill]\nsymbols = [{names}]\nhistory_days = {args.days}\n"
-            "stagger_seconds = 0.05\n[retry]\nmin_seconds = 0.1\nmax_seconds = 30\n"
-            f'[status]\nlisten = "127.0.0.1:{status_port}"\n[logging]\nlevel = "warning"\n'
-            f'[daemon]\ninstance = "loadtest"\nstate_dir = "{tmp}"\n')
-        log = open(Path(tmp) / "children.log", "wb")  # noqa: SIM115 - closed below
-        env = {**os.environ, "BACKFILLD_DATABASE_URL": db_url}
-        env.pop("NOTIFY_SOCKET", None)
-        sim = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "simulate", "--port", str(sim_port),
-             "--requests-per-minute", str(args.rpm), "--latency-ms", args.latency_ms,
-             "--seed", "7"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        procs = [sim]
+        status_port = free_port()
+        sim = simulator_process(requests_per_minute=args.rpm, latency_ms=args.latency_ms,
+                                seed=7, log=Path(tmp) / "simulator.log")
+        with sim as sim_url, open(Path(tmp) / "daemon.log", "wb") as log:
+            yield from _daemon(args, tmp, db_url, sim_url, status_port, log)
+
+
+def _daemon(args: argparse.Namespace, tmp: str, db_url: str, sim_url: str, status_port: int,
+            log: BinaryIO) -> Iterator[str]:
+    """`backfilld run` against the simulator; yields its status URL, then stops it."""
+    names = ", ".join(f'"{s}"' for s in DEMO_SYMBOLS[: args.symbols])
+    config = Path(tmp) / "config.toml"
+    config.write_text(
+        f'[polygon]\nbase_url = "{sim_url}"\napi_key = "load"\n'
+        f"requests_per_minute = {args.rpm}\npage_limit = {args.page_limit}\n"
+        f"[backfill]\nsymbols = [{names}]\nhistory_days = {args.days}\n"
+        "stagger_seconds = 0.05\n[retry]\nmin_seconds = 0.1\nmax_seconds = 30\n"
+        f'[status]\nlisten = "127.0.0.1:{status_port}"\n[logging]\nlevel = "warning"\n'
+        f'[daemon]\ninstance = "loadtest"\nstate_dir = "{tmp}"\n')
+    env = {**os.environ, "BACKFILLD_DATABASE_URL": db_url}
+    env.pop("NOTIFY_SOCKET", None)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config)], env=env,
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{status_port}"
+        _wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200,
+                    "the daemon to be ready", [daemon])
+        yield url
+    finally:
+        daemon.send_signal(signal.SIGTERM)
         try:
-            _wait_until(lambda: socket.create_connection(("127.0.0.1", sim_port), 0.2).close()
-                        is None, "the simulator", procs)
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run", "--config", str(config)], env=env,
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-            procs.append(daemon)
-            url = f"http://127.0.0.1:{status_port}"
-            _wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200,
-                        "the daemon to be ready", procs)
-            yield url
-        finally:
-            for proc in reversed(procs):
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            log.close()
+            daemon.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
 
 
 def _progress(url: str) -> dict[str, object]:

@@ -7,12 +7,11 @@ The daemon runs as `python -m daemon` exactly as systemd would start it; the sim
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,27 +19,10 @@ import psycopg
 
 from daemon import db
 from daemon.simulator.data import ground_truth
+from daemon.simulator.process import simulator_process
 from daemon.timeframes import parse_timeframe
 
-STARTUP_SECONDS = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = STARTUP_SECONDS
-                  ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listened on {port}")
+_logs = itertools.count()
 
 
 @contextlib.contextmanager
@@ -53,21 +35,11 @@ def simulator(
     seed: int = 1,
     extra: tuple[str, ...] = (),
 ) -> Iterator[str]:
-    """Run the simulator as a subprocess; yield its base URL."""
-    port = free_port()
-    with open(tmp / f"simulator-{port}.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "simulate", "--port", str(port),
-             "--requests-per-minute", str(requests_per_minute), "--fault-rate", str(fault_rate),
-             "--latency-ms", latency_ms, "--seed", str(seed), *extra],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """Run the simulator as a subprocess, its output in `tmp`; yield its base URL."""
+    with simulator_process(requests_per_minute=requests_per_minute, fault_rate=fault_rate,
+                           latency_ms=latency_ms, seed=seed, extra=extra,
+                           log=tmp / f"simulator-{next(_logs)}.log") as url:
+        yield url
 
 
 def write_config(path: Path, base_url: str, body: str) -> Path:

@@ -14,8 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from daemon.simulator.process import free_port
+
 from ..conftest import drop_database, make_database
-from .procs import free_port, simulator, start_daemon, write_config
+from .procs import simulator, start_daemon, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SYMBOLS = ["AAPL", "X:BTCUSD"]

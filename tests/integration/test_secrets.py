@@ -15,7 +15,9 @@ import httpx
 import psycopg
 from psycopg import conninfo
 
-from .procs import free_port, simulator, start_daemon, write_config
+from daemon.simulator.process import free_port
+
+from .procs import simulator, start_daemon, write_config
 
 API_KEY = "SECRETKEY-7f3a9c"
 DB_PASSWORD = "hunter2-pw-41d"

@@ -27,10 +27,10 @@ import pytest
 
 from daemon import db
 from daemon.market_calendar import et_midnight_ms
+from daemon.simulator.process import free_port
 
 from .procs import (
     duplicates,
-    free_port,
     run_once,
     simulator,
     start_daemon,
