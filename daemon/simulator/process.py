@@ -7,6 +7,7 @@ that would otherwise share one core (and one GIL) with the daemon being measured
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def simulator_process(
 ) -> Iterator[str]:
     """Run `backfilld simulate` on a free loopback port; yield its base URL; stop it after."""
     port = free_port()
-    with open(log or "/dev/null", "wb") as out:  # the child keeps its own copy of the fd
+    with open(log or os.devnull, "wb") as out:  # the child keeps its own copy of the fd
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "simulate", "--port", str(port),
              "--requests-per-minute", str(requests_per_minute), "--latency-ms", latency_ms,
