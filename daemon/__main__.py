@@ -20,6 +20,8 @@ from .errors import BackfilldError, ConfigError, DatabaseError, EmbeddedPostgres
 
 EXIT_OK, EXIT_JOBS_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 DEFAULT_CONFIG = os.environ.get("BACKFILLD_CONFIG", "config.toml")
+NO_KEY_HINT = ("set POLYGON_API_KEY (or MASSIVE_API_KEY), [polygon] api_key or api_key_file, "
+               "or the systemd credential polygon-api-key")
 
 
 def _load(path: str) -> Config:
@@ -42,8 +44,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Read (and remove) NOTIFY_SOCKET & co. before any child process (the embedded PostgreSQL)
     # could inherit them. A watchdog abort (SIGABRT) prints every thread's stack to the journal.
     notifier = Notifier.from_environment()
-    faulthandler.enable(all_threads=True)
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
     config = _load(args.config)
+    if not config.polygon.api_key:
+        # Every request would be refused: say so now, not as a cycle of 401s.
+        print(f"backfilld: {args.config}: no API key: {NO_KEY_HINT}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format)
     url = config.database.url.reveal() if config.database.url else None
     notifier.notify(STATUS="starting embedded PostgreSQL" if url is None else "starting")
@@ -78,13 +84,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     bf = config.backfill
     print(f"{args.config}: OK")
+    rpm = config.polygon.requests_per_minute
     print(f"  api: {config.polygon.base_url}, key {'set' if config.polygon.api_key else 'NOT SET'}"
-          f", {config.polygon.requests_per_minute or 'unlimited'} req/min")
+          f", {f'{rpm:g}' if rpm else 'unlimited'} req/min")
     print(f"  database: {'configured URL' if config.database.url else 'embedded in '}"
           f"{'' if config.database.url else config.state_dir}")
     print(f"  {len(bf.symbols)} symbols x {', '.join(t.label for t in bf.timeframes)}")
     if not config.polygon.api_key:
-        print("  warning: no API key (set POLYGON_API_KEY or [polygon] api_key)", file=sys.stderr)
+        print(f"  warning: no API key: {NO_KEY_HINT}", file=sys.stderr)
     return EXIT_OK
 
 
