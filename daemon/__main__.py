@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Read (and remove) NOTIFY_SOCKET & co. before any child process (the embedded PostgreSQL)
     # could inherit them. A watchdog abort (SIGABRT) prints every thread's stack to the journal.
     notifier = Notifier.from_environment()
-    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
     config = _load(args.config)
     if not config.polygon.api_key:
         # Every request would be refused: say so now, not as a cycle of 401s.

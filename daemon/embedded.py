@@ -58,7 +58,7 @@ def embedded_postgres(
     _forget_dead_handles(pgdata)
     try:
         mode = None if keep_running else "delete" if delete_on_exit else "stop"
-        server = pgserver.get_server(pgdata, cleanup_mode=mode)
+        server = pgserver.postgres_server.get_server(pgdata, cleanup_mode=mode)
     except Exception as exc:
         raise EmbeddedPostgresError(
             f"could not start embedded PostgreSQL in {pgdata}: {exc}\n{_log_tail(pgdata)}"

@@ -352,7 +352,7 @@ def _series(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: i
             if descending:
                 bars.reverse()
             for item in bars:
-                if from_ms <= item[1]["t"] <= to_ms:  # type: ignore[operator]
+                if from_ms <= item[1]["t"] <= to_ms:
                     yield item
         return
     for start in _bucket_starts(timeframe, first_day, last_day, descending=descending):

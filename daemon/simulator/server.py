@@ -81,8 +81,8 @@ _REASONS = {
 }
 
 
-def _latency(value: object) -> tuple[float, float]:
-    low, high = value  # type: ignore[misc]
+def _latency(value: tuple[float, float] | list[float]) -> tuple[float, float]:
+    low, high = value
     return float(low), float(high)
 
 
