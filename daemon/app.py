@@ -30,9 +30,7 @@ from __future__ import annotations
 import functools
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import attrs
 import outcome
@@ -41,7 +39,7 @@ from loguru import logger
 
 from . import db, monitoring, systemd
 from .config import Config, load_config
-from .errors import ConfigError, DatabaseUnavailable
+from .errors import ConfigError
 from .log import setup_logging
 from .polygon import PolygonClient
 from .ratelimit import RateLimiter
@@ -62,10 +60,6 @@ EXIT_FORCED = 130
 # At start, how long to wait for an unreachable database before exiting 3 (a server still
 # booting is waited for; a wrong URL is reported). Once running, the wait has no end.
 STARTUP_DATABASE_WAIT_SECONDS = 60.0
-DATABASE_RETRY_MIN_SECONDS = 0.5
-DATABASE_RETRY_MAX_SECONDS = 30.0
-
-T = TypeVar("T")
 
 
 @attrs.define
@@ -155,32 +149,11 @@ class Daemon:
                 nursery.start_soon(systemd.run_start_timeout_extender, self.notifier)
             # Captured, not raised here: a DatabaseError must leave as itself, not in a group.
             result = await outcome.acapture(
-                self._when_database_answers, db.apply_migrations, self.db_url,
+                db.run_when_available, db.apply_migrations, self.db_url,
                 give_up_after=STARTUP_DATABASE_WAIT_SECONDS)
             nursery.cancel_scope.cancel()
         applied: list[str] = result.unwrap()
         return applied
-
-    async def _when_database_answers(
-        self, fn: Callable[..., T], *args: object, give_up_after: float | None = None
-    ) -> T:
-        """Run `fn(*args)` in a thread, waiting out DatabaseUnavailable with capped backoff.
-
-        A database restarting, failing over, or still booting must not fail jobs or the start:
-        the daemon waits (logging why) and goes on. At start the wait is bounded so a wrong URL
-        still ends in a clear error (exit 3) rather than a silent hang.
-        """
-        delay = DATABASE_RETRY_MIN_SECONDS
-        deadline = None if give_up_after is None else trio.current_time() + give_up_after
-        while True:
-            try:
-                return await trio.to_thread.run_sync(fn, *args)
-            except DatabaseUnavailable as exc:
-                if deadline is not None and trio.current_time() + delay > deadline:
-                    raise
-                logger.warning("database unavailable, retrying in {:.1f} s: {}", delay, exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, DATABASE_RETRY_MAX_SECONDS)
 
     def _ready(self, root: trio.Nursery) -> None:
         """READY=1, then the watchdog (when systemd asked for one) and the STATUS= updates."""
@@ -217,7 +190,7 @@ class Daemon:
             self.notifier.notify(STOPPING=1, STATUS="stopping")
 
     async def _read_checkpoints(self, symbol: str) -> dict[tuple[str, str], db.Checkpoint]:
-        return await self._when_database_answers(db.read_checkpoints, self.db_url, symbol)
+        return await db.run_when_available(db.read_checkpoints, self.db_url, symbol)
 
     async def _run_writer(self, *, task_status: trio.TaskStatus[None]) -> None:
         with self._writer_scope:

@@ -35,12 +35,9 @@ from loguru import logger
 
 from . import db, monitoring
 from .bars import Bar
-from .errors import DatabaseError, redact
+from .errors import DatabaseUnavailable, redact
 
 __all__ = ["JobDone", "JobState", "PageWrite", "Writer", "WriterStatistics", "open_writer_channel"]
-
-RECONNECT_MIN_SECONDS = 0.5
-RECONNECT_MAX_SECONDS = 30.0
 
 _STAGE_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS bars_stage (
@@ -284,7 +281,7 @@ class Writer:
         job = message.job
         if isinstance(message, PageWrite) and message.job.write_error is not None:
             return  # a page after a rejected one: writing it would leave a hole behind it
-        delay = RECONNECT_MIN_SECONDS
+        delay = db.RETRY_MIN_SECONDS
         while True:
             await self._ensure_connected()
             self._busy_since = trio.current_time()
@@ -297,7 +294,7 @@ class Writer:
                                redact(str(exc)).strip())
                 await trio.to_thread.run_sync(self._close, limiter=self._limiter)
                 await trio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+                delay = min(delay * 2, db.RETRY_MAX_SECONDS)
                 continue
             except (psycopg.Error, OverflowError, ValueError, TypeError) as exc:
                 # Rejected data (by the server, or by the COPY encoder before it was sent).
@@ -328,15 +325,8 @@ class Writer:
             message.apply(cur, self)
 
     async def _ensure_connected(self) -> None:
-        delay = RECONNECT_MIN_SECONDS
-        while self._conn is None or self._conn.closed:
-            try:
-                self._conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
-            except DatabaseError as exc:
-                logger.warning("writer cannot reach the database, retrying in {:.1f} s: {}",
-                               delay, exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+        if self._conn is None or self._conn.closed:
+            self._conn = await db.run_when_available(self._connect, limiter=self._limiter)
 
     def _connect(self) -> psycopg.Connection:
         conn = db.connect(self._url)
@@ -345,7 +335,8 @@ class Writer:
             conn.commit()
         except psycopg.Error as exc:
             conn.close()
-            raise DatabaseError(f"cannot prepare the writer's stage table: {exc}") from None
+            # Retried like an unreachable server, as before: the writer has nothing else to do.
+            raise DatabaseUnavailable(f"cannot prepare the writer's stage table: {exc}") from None
         if self._ever_connected:
             self._reconnects += 1
         self._ever_connected = True
