@@ -4,19 +4,23 @@ Lower-library errors (httpx, psycopg, tomllib, pgserver) are translated into the
 of the module that talks to them, so callers handle *our* failures and messages never carry
 secrets (API keys and database passwords are redacted before an exception is built).
 
-    BackfilldError
+    BackfilldError                          transient?
     ├── ConfigError             bad or unreadable config file; names file, key, line
     ├── ApiError                anything the market-data API did wrong
-    │   ├── ApiAuthError        401/403: the key is wrong or lacks the plan; never retried
-    │   ├── ApiRequestError     other 4xx: our request is wrong; never retried
-    │   ├── RateLimited         429; retried after Retry-After or backoff
-    │   ├── ApiServerError      5xx (often an HTML page); retried
-    │   ├── ApiTransportError   connect/read failures, timeouts; retried
-    │   └── BadResponse         truncated or unparseable body, `"results": null`; retried
+    │   ├── ApiAuthError        401/403: the key is wrong or lacks the plan   no
+    │   ├── ApiRequestError     other 4xx: our request is wrong                no
+    │   ├── RateLimited         429; after Retry-After or backoff              yes
+    │   ├── ApiServerError      5xx (often an HTML page)                       yes
+    │   ├── ApiTransportError   connect/read failures, timeouts                yes
+    │   └── BadResponse         truncated or unparseable body, `"results": null` yes
     ├── BadData                 well-formed response whose bars fail validation; never written
-    ├── DatabaseError           PostgreSQL rejected a statement
-    │   └── DatabaseUnavailable PostgreSQL cannot be reached (yet); waited out, then reported
+    ├── DatabaseError           PostgreSQL rejected a statement                no
+    │   └── DatabaseUnavailable PostgreSQL cannot be reached (yet)             yes
     └── EmbeddedPostgresError   the embedded server (pgserver) could not start
+
+`transient` says whether the same call, made again later, can succeed. It is the only input of
+the one retry mechanism (daemon.retrying): the client retries transient API errors, the writer
+and every database reader wait out transient database errors, and nothing else is retried.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def redact(text: str) -> str:
 class BackfilldError(Exception):
     """Base of every error backfilld raises on purpose."""
 
+    transient = False  # see the module docstring: whether a later retry can succeed
+
     def __init__(self, message: str) -> None:
         super().__init__(redact(message))
 
@@ -87,8 +93,6 @@ class ConfigError(BackfilldError):
 class ApiError(BackfilldError):
     """The market-data API failed a request. `status` is the HTTP status when there was one."""
 
-    retryable = False
-
     def __init__(self, message: str, *, status: int | None = None) -> None:
         self.status = status
         super().__init__(message)
@@ -105,7 +109,7 @@ class ApiRequestError(ApiError):
 class RateLimited(ApiError):
     """429. `retry_after` is the server's Retry-After in seconds when it sent one."""
 
-    retryable = True
+    transient = True
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         self.retry_after = retry_after
@@ -115,19 +119,19 @@ class RateLimited(ApiError):
 class ApiServerError(ApiError):
     """5xx from the API or a proxy in front of it."""
 
-    retryable = True
+    transient = True
 
 
 class ApiTransportError(ApiError):
     """The connection failed, was reset, or timed out."""
 
-    retryable = True
+    transient = True
 
 
 class BadResponse(ApiError):
     """HTTP 200 whose body is cut off, not JSON, not the documented shape, or `results: null`."""
 
-    retryable = True
+    transient = True
 
 
 class BadData(BackfilldError):
@@ -139,7 +143,10 @@ class DatabaseError(BackfilldError):
 
 
 class DatabaseUnavailable(DatabaseError):
-    """No connection could be made: the server is down, restarting, or not up yet at boot."""
+    """No connection could be made, or it broke: the server is down, restarting, failing over,
+    or not up yet at boot."""
+
+    transient = True
 
 
 class EmbeddedPostgresError(BackfilldError):

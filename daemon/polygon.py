@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import email.utils
 import math
-import random
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Generator
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -34,7 +33,7 @@ import httpx
 import msgspec
 import trio
 from loguru import logger
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState
 
 from .bars import AggsResponse, Bar, validate_bars
 from .config import PolygonConfig, RetryConfig, Secret
@@ -50,16 +49,14 @@ from .errors import (
     redact,
 )
 from .ratelimit import RateLimiter
+from .retrying import Backoff, retrying
 from .timeframes import Timeframe
 
 if TYPE_CHECKING:
     from loguru import Logger
 
-__all__ = ["ClientStatistics", "Page", "PolygonClient", "backoff_seconds"]
+__all__ = ["ClientStatistics", "Page", "PolygonClient"]
 
-# Errors a second attempt can fix. Everything else (auth, bad request, BadData, Cancelled) is
-# raised at once.
-RETRYABLE = (RateLimited, ApiServerError, ApiTransportError, BadResponse)
 # `status` values of a usable body; DELAYED is what a delayed-data plan gets, same shape.
 OK_STATUSES = frozenset({"OK", "DELAYED"})
 # Characters of an error body quoted in an exception: enough for the API's one-line messages.
@@ -112,21 +109,6 @@ class ClientStatistics:
     bytes_received: int
     pages: int
     bars: int
-
-
-def backoff_seconds(
-    retry: RetryConfig, failures: int, *, uniform: Callable[[float, float], float] = random.uniform
-) -> float:
-    """The wait after the `failures`-th failed attempt when the server gave no Retry-After.
-
-    `min_seconds * 2**(failures - 1)` capped at `max_seconds` (1, 2, 4, 8, ... with defaults),
-    plus a jitter drawn from `[0, jitter * backoff]` so that tasks failed by the same outage do
-    not come back in lockstep. `jitter = 0` gives exact waits.
-    """
-    base = min(retry.max_seconds, retry.min_seconds * 2.0 ** max(failures - 1, 0))
-    if retry.jitter > 0 and base > 0:
-        base += uniform(0.0, retry.jitter * base)
-    return base
 
 
 class _BearerAuth(httpx.Auth):
@@ -336,12 +318,13 @@ class PolygonClient:
         message; anything not retryable is raised as it came.
         """
         retry = self._retry  # a reload mid-page does not change this page's schedule
+        backoff = Backoff(retry.min_seconds, retry.max_seconds, jitter=retry.jitter)
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, RateLimited) and exc.retry_after is not None:
                 return exc.retry_after
-            return backoff_seconds(retry, state.attempt_number)
+            return backoff(state.attempt_number)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -351,13 +334,11 @@ class PolygonClient:
                 state.attempt_number, retry.attempts, type(exc).__name__, exc, sleep,
             )
 
-        retrying = AsyncRetrying(
-            sleep=self._limiter.sleep,  # trio.sleep that a stop (limiter.close) cuts short
-            stop=stop_after_attempt(retry.attempts),  # not stop_after_delay: that reads real time
+        policy = retrying(
             wait=wait,
-            retry=retry_if_exception_type(RETRYABLE),
+            attempts=retry.attempts,
+            sleep=self._limiter.sleep,  # trio.sleep that a stop (limiter.close) cuts short
             before_sleep=before_sleep,
-            reraise=True,
         )
         attempts = 0
 
@@ -370,8 +351,10 @@ class PolygonClient:
             return body, nbytes, attempts
 
         try:
-            return await retrying(attempt)
-        except RETRYABLE as exc:
+            return await policy(attempt)
+        except ApiError as exc:
+            if not exc.transient:
+                raise
             final = _gave_up(exc, attempts)
         raise final  # outside the except: no __context__ to carry the earlier errors around
 

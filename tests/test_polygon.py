@@ -33,7 +33,7 @@ from daemon.errors import (
     BadResponse,
     RateLimited,
 )
-from daemon.polygon import ClientStatistics, Page, PolygonClient, backoff_seconds
+from daemon.polygon import ClientStatistics, Page, PolygonClient
 from daemon.ratelimit import RateLimiter
 from daemon.timeframes import Timeframe
 
@@ -496,16 +496,6 @@ async def test_client_errors_are_not_retried(
 
 
 # --- jitter, cancellation, reload -------------------------------------------------------------
-
-
-def test_backoff_doubles_caps_and_jitters_within_bounds() -> None:
-    exact = RetryConfig(min_seconds=1, max_seconds=10, jitter=0)
-    assert [backoff_seconds(exact, k) for k in range(1, 7)] == [1, 2, 4, 8, 10, 10]
-    jittery = RetryConfig(min_seconds=1, max_seconds=10, jitter=0.5)
-    assert [backoff_seconds(jittery, k, uniform=lambda lo, hi: lo) for k in (1, 4, 6)] == [
-        1, 8, 10]
-    assert [backoff_seconds(jittery, k, uniform=lambda lo, hi: hi) for k in (1, 4, 6)] == [
-        1.5, 12, 15]
 
 
 async def test_jittered_waits_stay_within_bounds(autojump_clock: trio.testing.MockClock) -> None:
