@@ -3,6 +3,11 @@
 Exit codes: 0 success; 1 `run --once` finished with failed jobs, or `status` found the daemon
 unhealthy; 2 bad config or usage; 3 database unreachable or migration failed; 4 `status` could
 not reach the daemon; 130 stopped by a second interrupt.
+
+Fast start: each command imports only what it needs, when it runs. The parser registers every
+command's name and help here, but a command's own arguments (and the modules behind them) are
+loaded only for the command being run, so `backfilld --help`, `status` and `check-config` never
+load the server, prometheus or psycopg stacks.
 """
 
 from __future__ import annotations
@@ -10,13 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
-from loguru import logger
-
-from .config import Config, load_config
 from .errors import BackfilldError, ConfigError, DatabaseError, EmbeddedPostgresError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 EXIT_OK, EXIT_JOBS_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 DEFAULT_CONFIG = os.environ.get("BACKFILLD_CONFIG", "config.toml")
@@ -25,6 +31,8 @@ NO_KEY_HINT = ("set POLYGON_API_KEY (or MASSIVE_API_KEY), [polygon] api_key or a
 
 
 def _load(path: str) -> Config:
+    from .config import load_config
+
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -32,10 +40,28 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="config file (default: $BACKFILLD_CONFIG or ./config.toml)")
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    _with_config(p)
+    p.add_argument("--once", action="store_true",
+                   help="one full cycle, then exit 0 if every job succeeded, else 1")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import faulthandler
 
-    from .app import EXIT_FORCED, Daemon
+    import trio
+    from loguru import logger
+
+    from .app import EXIT_FORCED, serve
+    from .compose import build
     from .embedded import database_url
     from .log import setup_logging
     from .report import print_failures
@@ -54,9 +80,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     url = config.database.url.reveal() if config.database.url else None
     notifier.notify(STATUS="starting embedded PostgreSQL" if url is None else "starting")
     with database_url(url, config.state_dir) as db_url:
-        daemon = Daemon(config, db_url, config_path=Path(args.config), notifier=notifier)
-        cycle = trio.run(lambda: daemon.run(once=args.once))
-    if daemon.forced:
+        parts = build(config, db_url, config_path=Path(args.config), notifier=notifier)
+        try:
+            cycle = trio.run(lambda: serve(parts, once=args.once))
+        finally:
+            notifier.close()
+    if parts.controls.forced:
         return EXIT_FORCED
     if args.once:
         if cycle is None or not cycle.ok:
@@ -64,6 +93,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_JOBS_FAILED
         logger.info("all {} jobs succeeded", len(cycle.jobs))
     return EXIT_OK
+
+
+# --- migrate, check-config -------------------------------------------------------------------
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -95,6 +127,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- commands whose arguments live with their module ----------------------------------------
+
+
+def _simulate_arguments(p: argparse.ArgumentParser) -> None:
+    from .simulator.server import add_simulate_arguments
+
+    add_simulate_arguments(p)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .log import setup_logging
     from .simulator.server import options_from_args, run_simulator
@@ -104,10 +145,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    from .status_cli import add_status_arguments
+
+    add_status_arguments(p, DEFAULT_CONFIG)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status_cli import run_status
 
     return run_status(args)
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(p)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -116,44 +169,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .demo import add_demo_arguments
-    from .simulator.server import add_simulate_arguments
-    from .status_cli import add_status_arguments
+# name -> (help, add its arguments, run it)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {
+    "run": ("run the daemon", _run_arguments, cmd_run),
+    "migrate": ("apply database migrations", _with_config, cmd_migrate),
+    "check-config": ("validate the config file", _with_config, cmd_check_config),
+    "simulate": ("serve a Polygon-compatible API on loopback", _simulate_arguments,
+                 cmd_simulate),
+    "status": ("what a running daemon is doing, as tables", _status_arguments, cmd_status),
+    "demo": ("a complete backfill against the simulator, in a minute", _demo_arguments,
+             cmd_demo),
+}
 
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the command named in `argv` (if any) gets its full arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="backfilld",
         description="Keep PostgreSQL filled with Polygon/Massive OHLCV bars.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", default=DEFAULT_CONFIG,
-                       help="config file (default: $BACKFILLD_CONFIG or ./config.toml)")
-        return p
-
-    run = with_config(sub.add_parser("run", help="run the daemon"))
-    run.add_argument("--once", action="store_true",
-                     help="one full cycle, then exit 0 if every job succeeded, else 1")
-    run.set_defaults(func=cmd_run)
-    with_config(sub.add_parser("migrate", help="apply database migrations")).set_defaults(
-        func=cmd_migrate)
-    with_config(sub.add_parser("check-config", help="validate the config file")).set_defaults(
-        func=cmd_check_config)
-    simulate = sub.add_parser("simulate", help="serve a Polygon-compatible API on loopback")
-    add_simulate_arguments(simulate)
-    simulate.set_defaults(func=cmd_simulate)
-    status = sub.add_parser("status", help="what a running daemon is doing, as tables")
-    add_status_arguments(status, DEFAULT_CONFIG)
-    status.set_defaults(func=cmd_status)
-    demo = sub.add_parser("demo", help="a complete backfill against the simulator, in a minute")
-    add_demo_arguments(demo)
-    demo.set_defaults(func=cmd_demo)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=run)
+        if name == chosen:
+            add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args))
     except ConfigError as exc:

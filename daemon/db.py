@@ -10,7 +10,8 @@ database) apply each migration once. A migration whose file changed after it was
 error: the schema on disk and in the database must not silently diverge.
 
 Error handling: psycopg errors become DatabaseError with the URL's password redacted; a server
-that cannot be reached is DatabaseUnavailable, which `run_when_available` waits out.
+that cannot be reached is DatabaseUnavailable, which callers wait out with
+`daemon.retrying.when_available`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
 
 import attrs
 import psycopg
-import trio
-from loguru import logger
 
 from .errors import DatabaseError, DatabaseUnavailable
 
@@ -40,17 +38,10 @@ __all__ = [
     "load_migrations",
     "pending_migrations",
     "read_checkpoints",
-    "run_when_available",
     "to_ms",
 ]
 
 CONNECT_TIMEOUT_SECONDS = 10
-# Backoff while the database is unreachable: a restart or failover is over in seconds, and 30 s
-# between tries is quick enough to notice it back without flooding the log.
-RETRY_MIN_SECONDS = 0.5
-RETRY_MAX_SECONDS = 30.0
-
-T = TypeVar("T")
 # Any constant will do; it only has to be the same for every backfilld instance.
 _MIGRATION_LOCK_KEY = 0x6261_636B_6669_6C6C  # "backfill"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
@@ -80,32 +71,6 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
         )
     except psycopg.Error as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
-
-
-async def run_when_available(
-    fn: Callable[..., T],
-    *args: object,
-    limiter: trio.CapacityLimiter | None = None,
-    give_up_after: float | None = None,
-) -> T:
-    """Run the sync `fn(*args)` in a worker thread, waiting out DatabaseUnavailable.
-
-    A database restarting, failing over, or still booting must not fail jobs or the start: the
-    caller waits (a warning per try says why) with capped exponential backoff and goes on.
-    `give_up_after` bounds the wait (at start, so a wrong URL still ends in a clear error).
-    Any other DatabaseError is raised at once.
-    """
-    delay = RETRY_MIN_SECONDS
-    deadline = None if give_up_after is None else trio.current_time() + give_up_after
-    while True:
-        try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
-        except DatabaseUnavailable as exc:
-            if deadline is not None and trio.current_time() + delay > deadline:
-                raise
-            logger.warning("database unavailable, retrying in {:.1f} s: {}", delay, exc)
-            await trio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
 
 
 @contextmanager

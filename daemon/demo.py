@@ -22,12 +22,13 @@ import psycopg
 import trio
 from psycopg import conninfo
 
-from .app import Daemon
+from .app import serve
+from .compose import Parts, build
 from .config import parse_config
+from .cycles import CycleSnapshot
 from .embedded import embedded_postgres, psql_path, stop_embedded_postgres
 from .log import setup_logging
 from .report import format_table
-from .scheduler import CycleProgress
 from .simulator.process import simulator_process
 
 __all__ = ["DEMO_SYMBOLS", "add_demo_arguments", "run_demo"]
@@ -88,23 +89,18 @@ level = "error"
 """
 
 
-async def _progress(daemon: Daemon, total_jobs: int, started: float) -> None:
+async def _progress(parts: Parts, total_jobs: int, started: float) -> None:
     tty = sys.stdout.isatty()
     every = 0.25 if tty else 5.0
-    announced = False
     while True:
         await trio.sleep(every)
-        if not announced and daemon.status_port:
-            announced = True
-            print(f"status endpoint: http://127.0.0.1:{daemon.status_port}/status "
-                  f"(or: backfilld status --url http://127.0.0.1:{daemon.status_port})")
-        cycle = daemon.scheduler.cycle
+        snap = parts.snapshot()
+        cycle = snap.scheduler.cycle
         done = cycle.jobs_done if cycle else 0
-        stats = daemon.client.statistics()
         line = (
-            f"jobs {done}/{total_jobs}  bars {daemon.writer.statistics().bars_written:,}  "
-            f"requests {stats.total_requests:,}  429s {stats.rate_limited_count}  "
-            f"queue {daemon.writer.statistics().queue_depth}  {time.monotonic() - started:5.1f} s"
+            f"jobs {done}/{total_jobs}  bars {snap.writer.bars_written:,}  "
+            f"requests {snap.api.total_requests:,}  429s {snap.api.rate_limited_count}  "
+            f"queue {snap.writer.queue_depth}  {time.monotonic() - started:5.1f} s"
         )
         print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
 
@@ -131,22 +127,35 @@ def run_demo(args: argparse.Namespace) -> int:
         server = stack.enter_context(embedded_postgres(state_dir, keep_running=True))
         db_url = _fresh_database(server)
         config = parse_config(_demo_config(base_url, args), source="<demo>")
-        daemon = Daemon(config, db_url)
+        parts = build(config, db_url)
         total = len(config.backfill.symbols) * len(config.backfill.timeframes)
         started = time.monotonic()
 
-        async def main() -> CycleProgress | None:
+        async def main() -> CycleSnapshot | None:
+            result: CycleSnapshot | None = None
+            progress = trio.CancelScope()
+
+            async def run(task_status: trio.TaskStatus[int | None]) -> None:
+                nonlocal result
+                try:
+                    result = await serve(parts, once=True, task_status=task_status)
+                finally:
+                    progress.cancel()
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_progress, daemon, total, started)
-                result = await daemon.run(once=True)
-                nursery.cancel_scope.cancel()
+                port = await nursery.start(run)
+                if port:
+                    print(f"status endpoint: http://127.0.0.1:{port}/status "
+                          f"(or: backfilld status --url http://127.0.0.1:{port})")
+                with progress:
+                    await _progress(parts, total, started)
             return result
 
         cycle = trio.run(main)
         wall = time.monotonic() - started
         sim_stats = httpx.get(f"{base_url}/__stats", timeout=5).json()
     print()
-    _print_summary(daemon, cycle, wall, args.speed, sim_stats, db_url)
+    _print_summary(parts, cycle, wall, args.speed, sim_stats, db_url)
     default_dir = Path(DEFAULT_STATE_DIR).expanduser()
     where = "" if state_dir == default_dir else f" --state-dir {state_dir}"
     print(f"stop the demo database:  backfilld demo --stop{where}")
@@ -154,8 +163,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _print_summary(
-    daemon: Daemon,
-    cycle: CycleProgress | None,
+    parts: Parts,
+    cycle: CycleSnapshot | None,
     wall: float,
     speed: float,
     sim_stats: dict[str, object],
@@ -163,8 +172,8 @@ def _print_summary(
 ) -> None:
     jobs = cycle.jobs if cycle else []
     failed = cycle.failed if cycle else []
-    client = daemon.client.statistics()
-    bars = daemon.writer.statistics().bars_written
+    client = parts.client.statistics()
+    bars = parts.writer.statistics().bars_written
     rows = [
         ("jobs", f"{len(jobs) - len(failed)} ok, {len(failed)} failed"),
         ("bars written", f"{bars:,}"),

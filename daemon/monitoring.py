@@ -6,10 +6,11 @@ bars, and a job's `job_results` row and its `executions` counters commit with th
 message, so what the status endpoints read can never claim data that is not there (or miss data
 that is). Nothing here opens a connection: the helpers take the writer's cursor.
 
-- `record_page(cur, job, last_bar_ms)`: called by `PageWrite.apply`.
-- `record_job_done(cur, job)`: called by `JobDone.apply`.
-- `ExecutionStarted` / `ExecutionFinished`: writer messages the scheduler sends at the start
-  and end of each cycle, through the same channel, so they are ordered with the jobs' messages.
+- `record_page(cur, series, last_bar_ms)` and `record_job(cur, row, execution_id)`: called by
+  the writer inside a page's and a job's last transaction.
+- `ExecutionStarted` / `ExecutionFinished`: writer messages (plain data) the scheduler sends at
+  the start and end of each cycle, through the same channel, so they are ordered with the jobs'
+  messages; `record_execution_started` / `record_execution_finished` write them.
 - `close_abandoned_executions`: at start, closes the rows a killed process left 'running'.
 - `check_database`, `read_freshness`, `read_history`: synchronous readers for daemon.status,
   run in worker threads, each on its own connection with short connect and statement timeouts
@@ -26,16 +27,15 @@ import datetime as dt
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import psycopg
 
 from .db import Migration, from_ms, pending_migrations, to_ms
 from .errors import DatabaseError
-
-if TYPE_CHECKING:
-    from .writer import JobState, Writer
+from .jobs import JobOutcome, SeriesKey
+from .timefmt import iso_dt, utc
 
 __all__ = [
     "ExecutionFinished",
@@ -43,10 +43,12 @@ __all__ = [
     "Freshness",
     "JobRow",
     "check_database",
-    "job_status",
+    "close_abandoned_executions",
     "read_freshness",
     "read_history",
-    "record_job_done",
+    "record_execution_finished",
+    "record_execution_started",
+    "record_job",
     "record_page",
 ]
 
@@ -128,42 +130,13 @@ WHERE id = %(id)s
 _JOB_RESULT_LATE = _JOB_RESULT.split("ON CONFLICT")[0] + "ON CONFLICT DO NOTHING"
 
 
-def job_status(job: JobState) -> str:
-    """ok / failed / cancelled: the `status` of the job's row."""
-    if job.ok:
-        return "ok"
-    return "cancelled" if job.cancelled and job.error is None else "failed"
-
-
-def record_page(cur: psycopg.Cursor, job: JobState, last_bar_ms: int) -> None:
-    """The series' newest bar, in the page's transaction."""
-    cur.execute(_FRESHNESS_PAGE, {"symbol": job.symbol, "timeframe": job.timeframe,
-                                  "last_bar": from_ms(last_bar_ms)})
-
-
-def record_job_done(cur: psycopg.Cursor, job: JobState) -> None:
-    """The job's result row, its execution's counters and the series' freshness, in JobDone's
-    transaction. A job outside any execution (tests, tools) records freshness only."""
-    status = job_status(job)
-    row = JobRow.of(job)
-    if job.execution_id is not None:
-        cur.execute(_JOB_RESULT, row.params(job.execution_id))
-        cur.execute(_EXECUTION_JOB, {"status": status, "bars": job.bars_written,
-                                     "execution_id": job.execution_id})
-    if job.timeframe != "*":
-        cur.execute(_FRESHNESS_DONE, {
-            "symbol": job.symbol, "timeframe": job.timeframe, "ok": status == "ok",
-            "to_ts": from_ms(job.to_ms), "error": job.error,
-        })
-
-
 @attrs.frozen
 class JobRow:
-    """A job's result as stored: a snapshot, so a message never reads a JobState later."""
+    """A finished job as `job_results` stores it (the outcome already decided)."""
 
     symbol: str
     timeframe: str
-    status: str
+    outcome: JobOutcome
     from_ms: int
     to_ms: int
     bars: int
@@ -173,23 +146,34 @@ class JobRow:
     db_seconds: float
     error: str | None
 
-    @classmethod
-    def of(cls, job: JobState) -> JobRow:
-        return cls(job.symbol, job.timeframe, job_status(job), job.from_ms, job.to_ms,
-                   job.bars_written, job.pages_fetched, job.attempts, job.api_seconds,
-                   job.db_seconds, job.error)
-
     def params(self, execution_id: uuid.UUID) -> dict[str, object]:
         return {
             "symbol": self.symbol, "timeframe": self.timeframe, "execution_id": execution_id,
-            "status": self.status, "from_ts": from_ms(self.from_ms), "to_ts": from_ms(self.to_ms),
-            "bars": self.bars, "pages": self.pages, "attempts": self.attempts,
-            "api_seconds": self.api_seconds, "db_seconds": self.db_seconds, "error": self.error,
+            "status": self.outcome.value, "from_ts": from_ms(self.from_ms),
+            "to_ts": from_ms(self.to_ms), "bars": self.bars, "pages": self.pages,
+            "attempts": self.attempts, "api_seconds": self.api_seconds,
+            "db_seconds": self.db_seconds, "error": self.error,
         }
 
 
-def _wall(seconds: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC)
+def record_page(cur: psycopg.Cursor, series: SeriesKey, last_bar_ms: int) -> None:
+    """The series' newest bar, in the page's transaction."""
+    cur.execute(_FRESHNESS_PAGE, {"symbol": series.symbol, "timeframe": series.timeframe,
+                                  "last_bar": from_ms(last_bar_ms)})
+
+
+def record_job(cur: psycopg.Cursor, row: JobRow, execution_id: uuid.UUID | None) -> None:
+    """The job's result row, its execution's counters and the series' freshness, in the job's
+    last transaction. A job outside any execution (tests, tools) records freshness only."""
+    if execution_id is not None:
+        cur.execute(_JOB_RESULT, row.params(execution_id))
+        cur.execute(_EXECUTION_JOB, {"status": row.outcome.value, "bars": row.bars,
+                                     "execution_id": execution_id})
+    if row.timeframe != "*":
+        cur.execute(_FRESHNESS_DONE, {
+            "symbol": row.symbol, "timeframe": row.timeframe,
+            "ok": row.outcome is JobOutcome.OK, "to_ts": from_ms(row.to_ms), "error": row.error,
+        })
 
 
 @attrs.frozen
@@ -201,17 +185,6 @@ class ExecutionStarted:
     number: int
     trigger: str
     started_wall: float
-    job: None = None  # the writer's messages may carry a job; this one has none
-
-    def apply(self, cur: psycopg.Cursor, writer: Writer) -> None:
-        del writer
-        cur.execute(_EXECUTION_START, {
-            "id": self.id, "instance": self.instance, "number": self.number,
-            "trigger": self.trigger, "started_at": _wall(self.started_wall),
-        })
-
-    def committed(self, writer: Writer, seconds: float) -> None:
-        del writer, seconds
 
 
 @attrs.frozen
@@ -235,23 +208,27 @@ class ExecutionFinished:
     retries: int
     error: str | None = None
     late_failures: tuple[JobRow, ...] = ()
-    job: None = None
 
-    def apply(self, cur: psycopg.Cursor, writer: Writer) -> None:
-        del writer
-        if self.late_failures:
-            cur.executemany(_JOB_RESULT_LATE, [row.params(self.id) for row in self.late_failures])
-        cur.execute(_EXECUTION_FINISH, {
-            "id": self.id, "status": self.status, "finished_at": _wall(self.finished_wall),
-            "duration": self.duration_seconds, "jobs_total": self.jobs_total,
-            "jobs_ok": self.jobs_ok, "jobs_failed": self.jobs_failed,
-            "jobs_cancelled": self.jobs_cancelled, "bars_written": self.bars_written,
-            "requests": self.requests, "rate_limited": self.rate_limited,
-            "retries": self.retries, "error": self.error,
-        })
 
-    def committed(self, writer: Writer, seconds: float) -> None:
-        del writer, seconds
+def record_execution_started(cur: psycopg.Cursor, message: ExecutionStarted) -> None:
+    cur.execute(_EXECUTION_START, {
+        "id": message.id, "instance": message.instance, "number": message.number,
+        "trigger": message.trigger, "started_at": utc(message.started_wall),
+    })
+
+
+def record_execution_finished(cur: psycopg.Cursor, message: ExecutionFinished) -> None:
+    if message.late_failures:
+        cur.executemany(_JOB_RESULT_LATE,
+                        [row.params(message.id) for row in message.late_failures])
+    cur.execute(_EXECUTION_FINISH, {
+        "id": message.id, "status": message.status, "finished_at": utc(message.finished_wall),
+        "duration": message.duration_seconds, "jobs_total": message.jobs_total,
+        "jobs_ok": message.jobs_ok, "jobs_failed": message.jobs_failed,
+        "jobs_cancelled": message.jobs_cancelled, "bars_written": message.bars_written,
+        "requests": message.requests, "rate_limited": message.rate_limited,
+        "retries": message.retries, "error": message.error,
+    })
 
 
 # --- readers (worker threads, own connections) ------------------------------------------------
@@ -336,12 +313,6 @@ def read_freshness(url: str) -> dict[tuple[str, str], Freshness]:
             for r in rows}
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 _EXECUTION_COLUMNS = (
     "id", "instance", "number", "trigger", "status", "started_at", "finished_at",
     "duration_seconds", "jobs_total", "jobs_ok", "jobs_failed", "jobs_cancelled",
@@ -370,14 +341,14 @@ def read_history(url: str, limit: int) -> list[dict[str, Any]]:
     for eid, symbol, timeframe, error, attempts, pages, bars, finished in failed:
         by_execution.setdefault(eid, []).append({
             "symbol": symbol, "timeframe": timeframe, "error": error, "attempts": attempts,
-            "pages": pages, "bars": bars, "finished_at": _iso(finished),
+            "pages": pages, "bars": bars, "finished_at": iso_dt(finished),
         })
     out = []
     for row in executions:
         item = dict(zip(_EXECUTION_COLUMNS, row, strict=True))
         item["id"] = str(item["id"])
-        item["started_at"] = _iso(item["started_at"])
-        item["finished_at"] = _iso(item["finished_at"])
+        item["started_at"] = iso_dt(item["started_at"])
+        item["finished_at"] = iso_dt(item["finished_at"])
         if item["duration_seconds"] is not None:
             item["duration_seconds"] = round(item["duration_seconds"], 3)
         item["failed_jobs"] = by_execution.get(row[0], [])

@@ -56,6 +56,7 @@ class RateLimiterStatistics:
         waiting: Requests waiting for a slot or a token.
         paused_until: trio time until which a Retry-After holds every token, or None.
         total_granted: Tokens granted since start.
+        max_in_flight: The in-flight cap in force.
     """
 
     configured_per_minute: float
@@ -64,6 +65,7 @@ class RateLimiterStatistics:
     waiting: int
     paused_until: float | None
     total_granted: int
+    max_in_flight: int = 0
 
 
 @attrs.frozen
@@ -261,6 +263,7 @@ class RateLimiter:
             waiting=self._waiting,
             paused_until=paused,
             total_granted=self._granted,
+            max_in_flight=int(self._slots.total_tokens),
         )
 
 

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from .scheduler import CycleProgress
+from .cycles import CycleSnapshot
 
 __all__ = ["format_table", "print_failures"]
 
@@ -34,7 +34,7 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def print_failures(cycle: CycleProgress | None, stream: TextIO = sys.stderr) -> None:
+def print_failures(cycle: CycleSnapshot | None, stream: TextIO = sys.stderr) -> None:
     """What failed in a `run --once` cycle, and why: one row per failed job."""
     if cycle is None:
         print("backfilld: the cycle did not complete (stopped before it finished)", file=stream)

@@ -19,7 +19,10 @@ Each cycle is an execution (daemon.monitoring): its row is sent to the writer be
 job and its totals after its last, through the same channel as the pages, with the requests,
 429s and retries it cost counted as deltas of the client's statistics.
 
-Error handling: a job's API or data failure is recorded on its JobState and the cycle goes on; an
+The scheduler's working state is its own; `statistics()` hands out frozen snapshots
+(daemon.cycles) for everything that reports.
+
+Error handling: a job's API or data failure is recorded on the job and the cycle goes on; an
 ApiAuthError fails the rest of the cycle at once (every request would be refused the same way).
 A cycle cut short (stop, cancellation) still sends its totals, as 'interrupted', if the writer
 takes them within `FINISH_SEND_SECONDS`.
@@ -30,8 +33,9 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from typing import Protocol
 
 import attrs
 import trio
@@ -39,17 +43,36 @@ from loguru import logger
 
 from . import db
 from .config import Config
+from .cycles import (
+    CycleSnapshot,
+    ExecutionStatus,
+    JobSnapshot,
+    SchedulerState,
+    SchedulerStatistics,
+    SymbolState,
+)
 from .errors import ApiAuthError, ApiError, BadData, DatabaseError
+from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
 from .market_calendar import et_midnight_ms
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow
-from .polygon import PolygonClient
+from .polygon import ClientStatistics, Page
+from .timefmt import wall_clock
 from .timeframes import Timeframe
-from .writer import JobDone, JobState, Message, PageWrite
+from .writer import JobFinished, Message, PageWrite
 
-__all__ = ["CycleProgress", "Job", "Scheduler", "plan_job"]
+__all__ = ["Job", "PageSource", "Scheduler", "plan_job"]
 
 # How long an interrupted cycle waits for room in the writer's channel to record its end.
 FINISH_SEND_SECONDS = 1.0
+
+
+class PageSource(Protocol):
+    """What the scheduler needs of the API client (daemon.polygon.PolygonClient)."""
+
+    def pages(self, symbol: str, timeframe: Timeframe, from_ms: int, to_ms: int
+              ) -> AsyncIterator[Page]: ...
+
+    def statistics(self) -> ClientStatistics: ...
 
 
 @attrs.frozen
@@ -86,37 +109,74 @@ def plan_job(
     return Job(symbol, timeframe, from_ms, end_ms)
 
 
-@attrs.define
-class CycleProgress:
-    """What the current (or last) cycle is doing; read by /status and `run --once`."""
+@attrs.define(eq=False)
+class _JobRun:
+    """The producer's half of one job (the writer's half is `receipt`)."""
 
+    series: SeriesKey
+    from_ms: int
+    to_ms: int
+    receipt: Receipt
+    pages: int = 0
+    attempts: int = 0
+    api_seconds: float = 0.0
+    error: str | None = None
+    cancelled: bool = False
+    # Set only for a job that never reached the writer (its checkpoints could not be read).
+    local_outcome: JobOutcome | None = None
+
+    @property
+    def outcome(self) -> JobOutcome | None:
+        return self.receipt.outcome or self.local_outcome
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def fetch_result(self) -> FetchResult:
+        return FetchResult(self.from_ms, self.to_ms, self.pages, self.attempts,
+                           self.api_seconds, self.error, self.cancelled)
+
+    def snapshot(self) -> JobSnapshot:
+        return JobSnapshot(self.series.symbol, self.series.timeframe, self.outcome,
+                           self.receipt.bars_written, self.pages, self.attempts,
+                           self.receipt.write_error or self.error, self.api_seconds,
+                           self.receipt.db_seconds, self.receipt.pages_written)
+
+    def row(self) -> JobRow:
+        outcome = self.outcome or JobOutcome.FAILED
+        return JobRow(self.series.symbol, self.series.timeframe, outcome, self.from_ms,
+                      self.to_ms, self.receipt.bars_written, self.pages, self.attempts,
+                      self.api_seconds, self.receipt.db_seconds,
+                      self.receipt.write_error or self.error)
+
+
+@attrs.define(eq=False)
+class _Cycle:
     number: int
     trigger: str
     started_wall: float
     started: float
-    finished: float | None = None
-    symbols: dict[str, str] = attrs.field(factory=dict)  # queued / running / done / failed
-    jobs: list[JobState] = attrs.field(factory=list)
-    auth_error: str | None = None
+    counters_at_start: tuple[int, int, int]  # the client's (requests, 429s, retries) then
     execution_id: uuid.UUID = attrs.field(factory=uuid.uuid4)
-    # The client's (requests, 429s, retries) when the cycle started; the cycle's own counts
-    # are the differences (one cycle runs at a time).
-    counters_at_start: tuple[int, int, int] = (0, 0, 0)
-    requests: int = 0
-    rate_limited: int = 0
-    retries: int = 0
+    finished: float | None = None
+    symbols: dict[str, SymbolState] = attrs.field(factory=dict)
+    jobs: list[_JobRun] = attrs.field(factory=list)
+    auth_error: str | None = None
+    counters_at_end: tuple[int, int, int] | None = None
+    status: ExecutionStatus | None = None
 
-    @property
-    def jobs_done(self) -> int:
-        return sum(1 for j in self.jobs if j.done.is_set())
-
-    @property
-    def failed(self) -> list[JobState]:
-        return [j for j in self.jobs if j.done.is_set() and not j.ok and not j.cancelled]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and self.auth_error is None
+    def snapshot(self, counters_now: tuple[int, int, int]) -> CycleSnapshot:
+        now = self.counters_at_end or counters_now
+        requests, limited, retries = (a - b for a, b in
+                                      zip(now, self.counters_at_start, strict=True))
+        return CycleSnapshot(
+            number=self.number, trigger=self.trigger, execution_id=self.execution_id,
+            started_wall=self.started_wall, started=self.started, finished=self.finished,
+            symbols=dict(self.symbols), jobs=tuple(j.snapshot() for j in self.jobs),
+            auth_error=self.auth_error, requests=requests, rate_limited=limited,
+            retries=retries, status=self.status,
+        )
 
 
 class Scheduler:
@@ -125,17 +185,17 @@ class Scheduler:
     def __init__(
         self,
         config: Config,
-        client: PolygonClient,
+        client: PageSource,
         send: trio.MemorySendChannel[Message],
         *,
         checkpoints: Callable[[str], Awaitable[dict[tuple[str, str], db.Checkpoint]]],
-        today: Callable[[], dt.date] = lambda: dt.datetime.now(dt.UTC).date(),
+        today: Callable[[], dt.date] | None = None,
     ) -> None:
-        self.config = config
+        self._config = config
         self._client = client
         self._send = send
         self._checkpoints = checkpoints
-        self._today = today
+        self._today = today or _utc_today
         self._symbol_limiter = trio.CapacityLimiter(config.backfill.max_concurrent_symbols)
         self._pending: collections.deque[str] = collections.deque()
         self._changed = trio.Event()
@@ -147,20 +207,51 @@ class Scheduler:
         self._replan: set[str] = set()
         # Why the idle wait was woken; a reload that only changed refresh_minutes re-arms it.
         self._wake_reasons: set[str] = set()
-        self.next_cycle_at: float | None = None  # trio time of the next scheduled cycle, idle
+        self._next_cycle_at: float | None = None  # trio time of the next scheduled cycle, idle
         self._cycle_number = 0
-        self.cycle: CycleProgress | None = None
-        self.last_cycle: CycleProgress | None = None
-        self.on_cycle_done: list[Callable[[CycleProgress], None]] = []
+        self._cycle: _Cycle | None = None
+        self._last_cycle: _Cycle | None = None
+        self._finished: dict[str, int] = {}
+        self._cycle_done = trio.Event()
+
+    # --- what it reports ------------------------------------------------------------------
+
+    def statistics(self) -> SchedulerStatistics:
+        counters = self._client_counters()
+        if self._stopping:
+            state = SchedulerState.STOPPING
+        elif self._cycle is not None:
+            state = SchedulerState.BACKFILLING
+        else:
+            state = SchedulerState.WAITING
+        return SchedulerStatistics(
+            state=state,
+            cycle=None if self._cycle is None else self._cycle.snapshot(counters),
+            last_cycle=None if self._last_cycle is None else self._last_cycle.snapshot(counters),
+            next_cycle_at=self._next_cycle_at,
+            cycles_finished=dict(self._finished),
+            timeframes=len(self._config.backfill.timeframes),
+            symbol_slots=int(self._symbol_limiter.total_tokens),
+        )
+
+    async def wait_cycle_done(self, number: int) -> CycleSnapshot:
+        """Wait until cycle `number` (or a later one) has finished; return the last finished."""
+        while self._last_cycle is None or self._last_cycle.number < number:
+            await self._cycle_done.wait()
+        return self._last_cycle.snapshot(self._client_counters())
+
+    def _client_counters(self) -> tuple[int, int, int]:
+        stats = self._client.statistics()
+        return (stats.total_requests, stats.rate_limited_count, stats.retries)
 
     # --- control --------------------------------------------------------------------------
 
     def update_config(self, config: Config) -> None:
         """Apply a reloaded config: concurrency at once, added series join, removed ones stop
         after their current page (checked by the page loop)."""
-        old_bf = self.config.backfill
+        old_bf = self._config.backfill
         old = {(s, t) for s in old_bf.symbols for t in old_bf.timeframes}
-        self.config = config
+        self._config = config
         self._symbol_limiter.total_tokens = config.backfill.max_concurrent_symbols
         new = {(s, t) for s in config.backfill.symbols for t in config.backfill.timeframes}
         added = new - old
@@ -168,16 +259,17 @@ class Scheduler:
             if config.backfill.refresh_minutes != old_bf.refresh_minutes:
                 self._wake_up("retime")  # the idle wait re-arms with the new interval
             return
-        cycle = self.cycle
+        cycle = self._cycle
         if cycle is not None:
             # Series of a symbol already finished (or never queued) in this cycle run now; a
             # queued symbol picks the new timeframes up when it plans, a running one plans
             # again (for the new timeframes only) as soon as its current jobs end.
             for symbol in sorted({s for s, _ in added}):
-                if cycle.symbols.get(symbol) in (None, "done", "failed"):
-                    cycle.symbols[symbol] = "queued"
+                state = cycle.symbols.get(symbol)
+                if state in (None, SymbolState.DONE, SymbolState.FAILED):
+                    cycle.symbols[symbol] = SymbolState.QUEUED
                     self._pending.append(symbol)
-                elif cycle.symbols.get(symbol) == "running":
+                elif state is SymbolState.RUNNING:
                     self._replan.add(symbol)
             self._changed.set()
         else:
@@ -203,8 +295,10 @@ class Scheduler:
 
     # --- cycles ---------------------------------------------------------------------------
 
-    async def run(self, *, once: bool = False) -> CycleProgress | None:
-        """Run cycles until stopped (or one cycle with `once`); close the writer's channel."""
+    async def run(self, *, once: bool = False) -> CycleSnapshot | None:
+        """Run cycles until stopped (or one cycle with `once`); close the writer's channel.
+
+        Returns the last finished cycle (None if none finished)."""
         async with self._send:
             trigger = "start"
             while not self._stopping:
@@ -213,41 +307,42 @@ class Scheduler:
                 if once:
                     return cycle
                 trigger = await self._wait_next_cycle(started)
-        return self.last_cycle
+        last = self._last_cycle
+        return None if last is None else last.snapshot(self._client_counters())
 
     async def _wait_next_cycle(self, started: float) -> str:
         """Sleep until `refresh_minutes` after `started`, or a wake; return the trigger."""
         while True:
-            self.next_cycle_at = started + self.config.backfill.refresh_minutes * 60
-            with trio.move_on_at(self.next_cycle_at):
+            self._next_cycle_at = started + self._config.backfill.refresh_minutes * 60
+            with trio.move_on_at(self._next_cycle_at):
                 await self._wake.wait()
             reasons, self._wake_reasons = self._wake_reasons, set()
             self._wake = trio.Event()
-            if trio.current_time() >= self.next_cycle_at:
+            if trio.current_time() >= self._next_cycle_at:
                 trigger = "schedule"
             elif reasons == {"retime"}:
                 continue
             else:
                 trigger = "wake"
-            self.next_cycle_at = None
+            self._next_cycle_at = None
             return trigger
 
-    async def run_cycle(self, trigger: str) -> CycleProgress:
+    async def run_cycle(self, trigger: str) -> CycleSnapshot:
         self._cycle_number += 1
-        cycle = CycleProgress(
+        cycle = _Cycle(
             number=self._cycle_number,
             trigger=trigger,
-            started_wall=_wall(),
+            started_wall=wall_clock(),
             started=trio.current_time(),
-            counters_at_start=self.client_counters(),
+            counters_at_start=self._client_counters(),
         )
-        self.cycle = cycle
-        symbols = list(self.config.backfill.symbols)
-        cycle.symbols = dict.fromkeys(symbols, "queued")
+        self._cycle = cycle
+        symbols = list(self._config.backfill.symbols)
+        cycle.symbols = dict.fromkeys(symbols, SymbolState.QUEUED)
         self._pending = collections.deque(symbols)
         logger.info("cycle {} ({}): {} symbols x {} timeframes", cycle.number, trigger,
-                    len(symbols), len(self.config.backfill.timeframes))
-        await self._send.send(ExecutionStarted(cycle.execution_id, self.config.instance,
+                    len(symbols), len(self._config.backfill.timeframes))
+        await self._send.send(ExecutionStarted(cycle.execution_id, self._config.instance,
                                                cycle.number, trigger, cycle.started_wall))
         try:
             await self._run_symbols(cycle)
@@ -256,53 +351,40 @@ class Scheduler:
                 await self._record_finish(cycle, interrupted=True)
             raise
         cycle.finished = trio.current_time()
-        await self._record_finish(cycle, interrupted=False)
-        self.cycle = None
-        self.last_cycle = cycle
-        failed = cycle.failed
+        snapshot = await self._record_finish(cycle, interrupted=False)
+        self._cycle = None
+        self._last_cycle = cycle
+        self._cycle_done.set()
+        self._cycle_done = trio.Event()
         logger.info(
             "cycle {} finished in {:.1f} s: {} jobs, {} failed, {} bars written",
-            cycle.number, cycle.finished - cycle.started, len(cycle.jobs), len(failed),
-            sum(j.bars_written for j in cycle.jobs),
+            cycle.number, cycle.finished - cycle.started, len(snapshot.jobs),
+            len(snapshot.failed), snapshot.bars_written,
         )
-        for callback in self.on_cycle_done:
-            callback(cycle)
-        return cycle
+        return snapshot
 
-    def client_counters(self) -> tuple[int, int, int]:
-        """The client's (total_requests, rate_limited_count, retries) so far."""
-        stats = self._client.statistics()
-        return (stats.total_requests, stats.rate_limited_count, stats.retries)
-
-    async def _record_finish(self, cycle: CycleProgress, *, interrupted: bool) -> None:
+    async def _record_finish(self, cycle: _Cycle, *, interrupted: bool) -> CycleSnapshot:
         """Send the cycle's totals to the writer (bounded wait when interrupted)."""
-        requests, rate_limited, retries = self.client_counters()
-        at_start = cycle.counters_at_start
-        cycle.requests = requests - at_start[0]
-        cycle.rate_limited = rate_limited - at_start[1]
-        cycle.retries = retries - at_start[2]
-        cancelled = [j for j in cycle.jobs if j.cancelled and j.error is None]
-        failed = cycle.failed
-        unfinished = any(state in ("queued", "running") for state in cycle.symbols.values())
-        if interrupted or cancelled or unfinished:
-            status = "interrupted"
-        else:
-            status = "ok" if cycle.ok else "failed"
+        cycle.counters_at_end = self._client_counters()
+        snapshot = cycle.snapshot(cycle.counters_at_end)
+        status = snapshot.execution_status(interrupted=interrupted)
+        cycle.status = status
+        self._finished[status.value] = self._finished.get(status.value, 0) + 1
         message = ExecutionFinished(
             id=cycle.execution_id,
-            status=status,
-            finished_wall=_wall(),
+            status=status.value,
+            finished_wall=wall_clock(),
             duration_seconds=trio.current_time() - cycle.started,
-            jobs_total=len(cycle.jobs),
-            jobs_ok=sum(1 for j in cycle.jobs if j.ok),
-            jobs_failed=len(failed),
-            jobs_cancelled=len(cancelled),
-            bars_written=sum(j.bars_written for j in cycle.jobs),
-            requests=cycle.requests,
-            rate_limited=cycle.rate_limited,
-            retries=cycle.retries,
+            jobs_total=len(snapshot.jobs),
+            jobs_ok=sum(1 for j in snapshot.jobs if j.ok),
+            jobs_failed=len(snapshot.failed),
+            jobs_cancelled=len(snapshot.cancelled),
+            bars_written=snapshot.bars_written,
+            requests=snapshot.requests,
+            rate_limited=snapshot.rate_limited,
+            retries=snapshot.retries,
             error=cycle.auth_error,
-            late_failures=tuple(JobRow.of(j) for j in failed),
+            late_failures=tuple(j.row() for j in cycle.jobs if j.local_outcome is not None),
         )
         with trio.move_on_after(FINISH_SEND_SECONDS if interrupted else float("inf")):
             try:
@@ -310,8 +392,9 @@ class Scheduler:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 logger.warning("cycle {}: the writer is gone; its totals are not recorded",
                                cycle.number)
+        return cycle.snapshot(cycle.counters_at_end)
 
-    async def _run_symbols(self, cycle: CycleProgress) -> None:
+    async def _run_symbols(self, cycle: _Cycle) -> None:
         async with trio.open_nursery() as nursery:
             while not self._stopping:
                 if not self._pending:
@@ -321,11 +404,11 @@ class Scheduler:
                     self._changed = trio.Event()
                     continue
                 symbol = self._pending.popleft()
-                if symbol not in self.config.backfill.symbols:
+                if symbol not in self._config.backfill.symbols:
                     cycle.symbols.pop(symbol, None)
                     continue
                 await self._symbol_limiter.acquire_on_behalf_of(symbol)
-                await trio.sleep_until(self._last_start + self.config.backfill.stagger_seconds)
+                await trio.sleep_until(self._last_start + self._config.backfill.stagger_seconds)
                 if self._stopping:  # the stop came while this symbol waited for its turn
                     self._symbol_limiter.release_on_behalf_of(symbol)
                     break
@@ -333,94 +416,94 @@ class Scheduler:
                 self._running += 1
                 nursery.start_soon(self._symbol_task, cycle, symbol)
 
-    async def _symbol_task(self, cycle: CycleProgress, symbol: str) -> None:
-        cycle.symbols[symbol] = "running"
+    async def _symbol_task(self, cycle: _Cycle, symbol: str) -> None:
+        cycle.symbols[symbol] = SymbolState.RUNNING
         try:
             jobs = await self._plan_symbol(cycle, symbol)
             async with trio.open_nursery() as nursery:
                 for job in jobs:
                     nursery.start_soon(self._job_task, cycle, job)
-            states = [j for j in cycle.jobs if j.symbol == symbol]
-            cycle.symbols[symbol] = "done" if all(s.ok or s.cancelled for s in states) else "failed"
+            outcomes = [j.outcome for j in cycle.jobs if j.series.symbol == symbol]
+            good = all(o in (JobOutcome.OK, JobOutcome.CANCELLED) for o in outcomes)
+            cycle.symbols[symbol] = SymbolState.DONE if good else SymbolState.FAILED
         finally:
             self._symbol_limiter.release_on_behalf_of(symbol)
             self._running -= 1
             if symbol in self._replan:
                 self._replan.discard(symbol)
-                if not self._stopping and symbol in self.config.backfill.symbols:
-                    cycle.symbols[symbol] = "queued"
+                if not self._stopping and symbol in self._config.backfill.symbols:
+                    cycle.symbols[symbol] = SymbolState.QUEUED
                     self._pending.append(symbol)
             self._changed.set()
 
-    async def _plan_symbol(self, cycle: CycleProgress, symbol: str) -> list[Job]:
+    async def _plan_symbol(self, cycle: _Cycle, symbol: str) -> list[Job]:
         """Plan the symbol's jobs from its current checkpoints (read just before it starts)."""
         try:
             checkpoints = await self._checkpoints(symbol)
         except DatabaseError as exc:
-            state = JobState(symbol, "*", 0, 0, fetch_error=str(exc),
-                             execution_id=cycle.execution_id)
-            state.done.set()
-            cycle.jobs.append(state)
+            cycle.jobs.append(_JobRun(SeriesKey(symbol, "*"), 0, 0,
+                                      Receipt(execution_id=cycle.execution_id), error=str(exc),
+                                      local_outcome=JobOutcome.FAILED))
             return []
         today = self._today()
         # A symbol planned again in the same cycle (a reload added timeframes) skips the series
         # that are running or already done there.
-        skip = {(j.symbol, j.timeframe) for j in cycle.jobs if not j.done.is_set() or j.ok}
+        skip = {j.series for j in cycle.jobs if not j.done or j.outcome is JobOutcome.OK}
         jobs = []
-        for tf in self.config.backfill.timeframes:
-            if (symbol, tf.label) in skip:
+        for tf in self._config.backfill.timeframes:
+            if SeriesKey(symbol, tf.label) in skip:
                 continue
-            job = plan_job(self.config, symbol, tf, checkpoints.get((symbol, tf.label)), today)
+            job = plan_job(self._config, symbol, tf, checkpoints.get((symbol, tf.label)), today)
             if job is not None:
                 jobs.append(job)
         return jobs
 
     def _wanted(self, job: Job) -> bool:
-        bf = self.config.backfill
+        bf = self._config.backfill
         return job.symbol in bf.symbols and job.timeframe in bf.timeframes
 
-    async def _job_task(self, cycle: CycleProgress, job: Job) -> None:
-        state = JobState(job.symbol, job.timeframe.label, job.from_ms, job.to_ms,
-                         execution_id=cycle.execution_id)
-        cycle.jobs.append(state)
+    async def _job_task(self, cycle: _Cycle, job: Job) -> None:
+        run = _JobRun(SeriesKey(job.symbol, job.timeframe.label), job.from_ms, job.to_ms,
+                      Receipt(execution_id=cycle.execution_id))
+        cycle.jobs.append(run)
         log = logger.bind(symbol=job.symbol, timeframe=job.timeframe.label)
         async with self._send.clone() as send:
             try:
                 if cycle.auth_error is not None:
                     raise ApiAuthError(cycle.auth_error)
                 pages = self._client.pages(job.symbol, job.timeframe, job.from_ms, job.to_ms)
-                async with aclosing(pages):
+                async with aclosing(pages):  # type: ignore[type-var]
                     async for page in pages:
-                        state.pages_fetched += 1
-                        state.attempts += page.attempts
-                        state.api_seconds += page.api_seconds
+                        run.pages += 1
+                        run.attempts += page.attempts
+                        run.api_seconds += page.api_seconds
                         if page.bars:
-                            await send.send(PageWrite(state, page.bars))
-                        if page.last:
-                            break
-                        if state.write_error is not None:
+                            await send.send(PageWrite(run.series, page.bars, job.from_ms,
+                                                      run.receipt))
+                        if page.last or run.receipt.write_error is not None:
                             break
                         if self._stopping or not self._wanted(job):
-                            state.cancelled = True
+                            run.cancelled = True
                             log.info("job stopped after its current page")
                             break
             except trio.ClosedResourceError:
                 # The rate limiter was closed (a stop) before this job's next request: no
                 # request is started after a stop, and the job ends as cancelled, not failed.
-                state.cancelled = True
+                run.cancelled = True
                 log.info("job stopped before its next request")
             except ApiAuthError as exc:
-                state.fetch_error = str(exc)
+                run.error = str(exc)
                 cycle.auth_error = str(exc)
             except (ApiError, BadData) as exc:
-                state.fetch_error = f"{type(exc).__name__}: {exc}"
-            await send.send(JobDone(state))
-        await state.done.wait()
-        if state.ok:
-            log.info("job done: {} bars in {} pages", state.bars_written, state.pages_written)
-        elif not state.cancelled:
-            log.error("job failed: {}", state.error)
+                run.error = f"{type(exc).__name__}: {exc}"
+            await send.send(JobFinished(run.series, run.fetch_result(), run.receipt))
+        await run.receipt.finished.wait()
+        if run.outcome is JobOutcome.OK:
+            log.info("job done: {} bars in {} pages", run.receipt.bars_written,
+                     run.receipt.pages_written)
+        elif run.outcome is JobOutcome.FAILED:
+            log.error("job failed: {}", run.receipt.write_error or run.error)
 
 
-def _wall() -> float:
-    return dt.datetime.now(dt.UTC).timestamp()
+def _utc_today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()

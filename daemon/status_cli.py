@@ -20,7 +20,7 @@ import httpx
 from .config import Config, load_config
 from .errors import ConfigError
 from .report import format_table
-from .status import human_age
+from .timefmt import human_age
 
 __all__ = ["EXIT_UNHEALTHY", "EXIT_UNREACHABLE", "add_status_arguments", "run_status"]
 

@@ -1,6 +1,6 @@
 """Talking to systemd: sd_notify(3) messages, the watchdog, and the one-line STATUS.
 
-What the service manager hears from us, in order (see `Daemon.run`):
+What the service manager hears from us, in order (see `daemon.app.serve`):
 
     STATUS=starting ...                      while the embedded PostgreSQL / migrations start
     EXTEND_TIMEOUT_USEC=...                  every 10 s while migrations run (they may be long)
@@ -37,7 +37,8 @@ from collections.abc import Callable, MutableMapping
 import trio
 from loguru import logger
 
-from .scheduler import CycleProgress
+from .cycles import SchedulerState, SymbolState
+from .snapshot import Snapshot
 from .writer import WriterStatistics
 
 __all__ = [
@@ -153,44 +154,39 @@ class Notifier:
         return True
 
     def close(self) -> None:
+        """Close the socket (the process is done notifying). Idempotent."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
 
 
-def status_text(
-    *,
-    cycle: CycleProgress | None,
-    last_cycle: CycleProgress | None,
-    next_cycle_in: float | None,
-    bars_written: int,
-    stopping: bool,
-    reload_error: str | None,
-) -> str:
+def status_text(snap: Snapshot) -> str:
     """The one line `systemctl status` shows: what the daemon is doing right now.
 
     e.g. `cycle 3 (schedule): 4/10 symbols done, 3 running, 12 jobs done, 0 failed; 1234567
     bars written` or `idle: cycle 3 took 41 s, 50 jobs, 0 failed; next in 59 min; ...`.
     """
+    sched = snap.scheduler
+    cycle, last_cycle = sched.cycle, sched.last_cycle
     if cycle is not None:
         states = list(cycle.symbols.values())
-        done = sum(s in ("done", "failed") for s in states)
+        done = sum(s in (SymbolState.DONE, SymbolState.FAILED) for s in states)
+        running = states.count(SymbolState.RUNNING)
         text = (f"cycle {cycle.number} ({cycle.trigger}): {done}/{len(states)} symbols done, "
-                f"{states.count('running')} running, {cycle.jobs_done} jobs done, "
-                f"{len(cycle.failed)} failed")
+                f"{running} running, {cycle.jobs_done} jobs done, {len(cycle.failed)} failed")
     elif last_cycle is not None and last_cycle.finished is not None:
         took = last_cycle.finished - last_cycle.started
         text = (f"idle: cycle {last_cycle.number} took {took:.0f} s, {len(last_cycle.jobs)} "
                 f"jobs, {len(last_cycle.failed)} failed")
-        if next_cycle_in is not None:
-            text += f"; next in {max(0.0, next_cycle_in) / 60:.0f} min"
+        if sched.next_cycle_at is not None:
+            text += f"; next in {max(0.0, sched.next_cycle_at - snap.now) / 60:.0f} min"
     else:
         text = "starting"
-    text += f"; {bars_written} bars written"
-    if stopping:
+    text += f"; {snap.writer.bars_written} bars written"
+    if sched.state is SchedulerState.STOPPING:
         text = "stopping: finishing in-flight pages; " + text
-    if reload_error is not None:
-        text += f"; LAST RELOAD FAILED (old config kept): {reload_error}"
+    if snap.reload.last_error is not None:
+        text += f"; LAST RELOAD FAILED (old config kept): {snap.reload.last_error}"
     return text
 
 
@@ -206,8 +202,8 @@ async def run_watchdog(
     notifier: Notifier,
     writer_statistics: Callable[[], WriterStatistics],
     *,
-    interval: float,
-    stall_seconds: float,
+    interval: float | None = None,
+    stall_seconds: float | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send `WATCHDOG=1` every `interval` seconds, first at once, while work makes progress.
@@ -215,8 +211,15 @@ async def run_watchdog(
     A tick at which the writer has been busy for more than `stall_seconds` sends nothing (and
     logs why, once per stall), so systemd's watchdog fires; pings resume on the first tick after
     the writer moves again. Ticks keep to a fixed grid (`start + k * interval`), so a slow send
-    never drifts the schedule.
+    never drifts the schedule. By default both come from the notifier: pings every
+    WATCHDOG_USEC / 2, and a writer inside one call for a whole WATCHDOG_USEC is wedged.
     """
+    if interval is None:
+        interval = notifier.watchdog_interval
+        if interval is None:
+            raise ValueError("run_watchdog needs an interval: systemd asked for no watchdog")
+    if stall_seconds is None:
+        stall_seconds = 2 * interval
     task_status.started()
     next_tick = trio.current_time()
     withheld = False

@@ -1,43 +1,66 @@
 """The single DB writer: one task, one connection, one transaction per message.
 
 Producers (one per job) send messages over a bounded trio memory channel; when the writer falls
-behind, producers wait, so memory does not grow with history length. Each message is applied in
+behind, producers wait, so memory does not grow with history length. Messages are plain frozen
+data (`PageWrite`, `JobFinished`, and the monitoring rows' `ExecutionStarted` /
+`ExecutionFinished`); the writer decides what each means for the database. Each is applied in
 its own transaction on a sync psycopg connection driven by `trio.to_thread.run_sync` with the
 writer's own limiter (the default `abandon_on_cancel=False` lets a transaction finish before
 cancellation lands, so a stop never leaves half a page).
 
 A page is written as binary COPY into a temp stage, then `INSERT ... ON CONFLICT DO UPDATE` into
 `bars` (idempotent on (symbol, timeframe, ts); revised bars overwrite, unchanged ones are not
-rewritten), then the job's checkpoint, all in one transaction: a crash at any instant resumes
+rewritten), then the series' checkpoint, all in one transaction: a crash at any instant resumes
 from the last committed page.
 
+The writer reports back through each job's `Receipt` (daemon.jobs), which it alone changes, on
+the trio thread after a commit; it owns its own counters (`statistics()`).
+
 Error handling:
-- Connection lost, server restarting: reconnect with capped backoff and retry the same message
-  (idempotent), for as long as it takes; producers wait on the full channel meanwhile.
-- A statement rejected for its data: the job is marked failed (`JobState.write_error`), its later
-  pages are dropped unwritten so its checkpoint never passes the hole, and the writer goes on.
+- Connection lost, server restarting (psycopg's OperationalError / InterfaceError: admin
+  shutdown, too many connections, disk full...): the transaction rolled back, so the message is
+  retried whole on a new connection by the one retry mechanism (daemon.retrying), for as long as
+  it takes; producers wait on the full channel meanwhile.
+- A statement rejected for its data (DataError, IntegrityError, a value the COPY encoder
+  refuses): permanent. The job fails loudly (`Receipt.write_error`), its later pages are dropped
+  unwritten so its checkpoint never passes the hole, and the writer goes on.
 
 Monitoring rows (daemon.monitoring) ride in the same transactions: a page's freshness with its
-bars, a job's result row with its JobDone.
+bars, a job's result row with its JobFinished.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
 import attrs
 import psycopg
 import trio
 from loguru import logger
+from tenacity import RetryCallState
 
 from . import db, monitoring
 from .bars import Bar
 from .errors import DatabaseUnavailable, redact
+from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
+from .monitoring import ExecutionFinished, ExecutionStarted, JobRow
+from .retrying import DB_MAX_SECONDS, DB_MIN_SECONDS, Backoff, retrying
+from .timefmt import wall_clock
 
-__all__ = ["JobDone", "JobState", "PageWrite", "Writer", "WriterStatistics", "open_writer_channel"]
+__all__ = [
+    "WRITE_BUCKETS",
+    "JobFinished",
+    "Message",
+    "PageWrite",
+    "Writer",
+    "WriterStatistics",
+    "open_writer_channel",
+]
+
+# Buckets of the write-latency histogram (seconds): ~5 ms for a small top-up page, ~300 ms for
+# 50,000 bars.
+WRITE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 _STAGE_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS bars_stage (
@@ -77,110 +100,34 @@ WHERE EXCLUDED.covered_from <= c.covered_through + interval '1 millisecond'
 """
 
 
-@attrs.define(eq=False)
-class JobState:
-    """One job's progress, shared by its producer (scheduler) and the writer.
-
-    The producer reads `write_error` to stop early; `done` is set by the writer once every
-    message of the job before its JobDone has been committed (or dropped).
-    """
-
-    symbol: str
-    timeframe: str
-    from_ms: int
-    to_ms: int
-    bars_written: int = 0
-    pages_written: int = 0
-    pages_fetched: int = 0
-    attempts: int = 0
-    api_seconds: float = 0.0
-    db_seconds: float = 0.0
-    fetch_error: str | None = None
-    write_error: str | None = None
-    cancelled: bool = False
-    execution_id: uuid.UUID | None = None  # the cycle's `executions` row, when there is one
-    done: trio.Event = attrs.field(factory=trio.Event)
-
-    @property
-    def ok(self) -> bool:
-        return self.fetch_error is None and self.write_error is None and not self.cancelled
-
-    @property
-    def error(self) -> str | None:
-        return self.write_error or self.fetch_error
-
-
-class Message(Protocol):
-    """What the writer accepts: `apply` runs in a worker thread inside a transaction,
-    `committed` back in trio after the commit. `job` is None for a message that belongs to no
-    job (daemon.monitoring's execution rows)."""
-
-    @property
-    def job(self) -> JobState | None: ...
-
-    def apply(self, cur: psycopg.Cursor, writer: Writer) -> None: ...
-
-    def committed(self, writer: Writer, seconds: float) -> None: ...
-
-
 @attrs.frozen
 class PageWrite:
-    """A page of bars for one job, plus the checkpoint it earns."""
+    """A page of bars of one series, and the span it proves complete.
 
-    job: JobState
-    bars: list[Bar]
+    Attributes:
+        series: Whose bars.
+        bars: The page's bars, ascending `t`, validated; at least one.
+        covered_from_ms: Every bar of the series with `covered_from_ms <= t <= bars[-1].t` is
+            in this page or committed before it (the job's `from`, for a walk in order).
+        receipt: The job's receipt, where the writer reports the commit.
+    """
 
-    def apply(self, cur: psycopg.Cursor, writer: Writer) -> None:
-        bars = self.bars
-        first, last = bars[0].t, bars[-1].t
-        for year in range(_year(min(first, last)), _year(max(first, last)) + 1):
-            if year not in writer.partitions:
-                cur.execute("SELECT bars_ensure_partition(%s)", (year,))
-        with cur.copy(_STAGE_COPY) as copy:
-            copy.set_types(_STAGE_TYPES)
-            write_row = copy.write_row
-            for bar in bars:
-                write_row((bar.t, bar.o, bar.h, bar.l, bar.c, bar.v, bar.vw, bar.n))
-        key = {"symbol": self.job.symbol, "timeframe": self.job.timeframe}
-        cur.execute(_UPSERT, key)
-        cur.execute(
-            _CHECKPOINT,
-            {
-                **key,
-                "covered_from": db.from_ms(self.job.from_ms),
-                "covered_through": db.from_ms(max(last, first)),
-            },
-        )
-        monitoring.record_page(cur, self.job, max(first, last))
-
-    def committed(self, writer: Writer, seconds: float) -> None:
-        first, last = self.bars[0].t, self.bars[-1].t
-        writer.partitions.update(range(_year(min(first, last)), _year(max(first, last)) + 1))
-        self.job.bars_written += len(self.bars)
-        self.job.pages_written += 1
-        self.job.db_seconds += seconds
-        writer.count_page(len(self.bars), seconds)
+    series: SeriesKey
+    bars: Sequence[Bar] = attrs.field(repr=lambda bars: f"<{len(bars)} bars>")
+    covered_from_ms: int
+    receipt: Receipt
 
 
 @attrs.frozen
-class JobDone:
+class JobFinished:
     """The job's last message: every page before it is committed once this one is."""
 
-    job: JobState
-
-    def apply(self, cur: psycopg.Cursor, writer: Writer) -> None:
-        del writer  # the marker orders completion after the pages; it records the result
-        monitoring.record_job_done(cur, self.job)
-
-    def committed(self, writer: Writer, seconds: float) -> None:
-        self.job.db_seconds += seconds
-        if not self.job.ok and not self.job.cancelled:
-            writer.note_error(f"{self.job.symbol} {self.job.timeframe}: {self.job.error}")
-        self.job.done.set()
+    series: SeriesKey
+    fetch: FetchResult
+    receipt: Receipt
 
 
-def _year(ms: int) -> int:
-    return time.gmtime(ms // 1000).tm_year
+Message = PageWrite | JobFinished | ExecutionStarted | ExecutionFinished
 
 
 @attrs.frozen
@@ -198,6 +145,9 @@ class WriterStatistics:
     last_progress: float  # trio time of the last commit or of going idle
     last_error: str | None = None  # the last failed job or rejected write, for /status
     last_error_at: float | None = None  # its wall time (Unix seconds)
+    # The write-latency histogram: cumulative counts per WRITE_BUCKETS bound, then the sum.
+    write_buckets: tuple[int, ...] = ()
+    write_seconds_sum: float = 0.0
 
 
 def open_writer_channel(
@@ -207,23 +157,33 @@ def open_writer_channel(
     return trio.open_memory_channel[Message](capacity)
 
 
+class _Rejected(Exception):
+    """The database (or the COPY encoder) refused a message for its content: permanent."""
+
+
 class Writer:
-    """Owns the one writing connection; `run` consumes the channel until every sender closes."""
+    """Owns the one writing connection; `run` consumes the channel until every sender closes.
+
+    Args:
+        url: The database.
+        receive: The channel's receiving end.
+        on_commit: Called (on the trio thread) after each committed page: the composition root
+            wires listeners here (the features task's wake-up).
+    """
 
     def __init__(
         self,
         url: str,
         receive: trio.MemoryReceiveChannel[Message],
         *,
-        on_commit: Callable[[int, float], None] | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         self._url = url
         self._receive = receive
+        self._on_commit = on_commit
         self._conn: psycopg.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
-        # Called after each page commits with (bars, seconds): daemon.metrics sets it.
-        self.on_commit = on_commit
-        self.partitions: set[int] = set()
+        self._partitions: set[int] = set()
         self._pages = 0
         self._bars = 0
         self._transactions = 0
@@ -234,6 +194,8 @@ class Writer:
         self._busy_since: float | None = None
         self._last_progress = 0.0
         self._last_error: tuple[float, str] | None = None
+        self._buckets = [0] * len(WRITE_BUCKETS)
+        self._seconds_sum = 0.0
 
     def statistics(self) -> WriterStatistics:
         stats = self._receive.statistics()
@@ -251,98 +213,203 @@ class Writer:
             last_progress=self._last_progress,
             last_error=self._last_error[1] if self._last_error else None,
             last_error_at=self._last_error[0] if self._last_error else None,
+            write_buckets=tuple(self._buckets),
+            write_seconds_sum=self._seconds_sum,
         )
-
-    def note_error(self, text: str) -> None:
-        """Remember `text` as the last error (a failed job, a rejected write)."""
-        self._last_error = (time.time(), text)
-
-    def count_page(self, bars: int, seconds: float) -> None:
-        self._pages += 1
-        self._bars += bars
-        if self.on_commit is not None:
-            self.on_commit(bars, seconds)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, report started, then write every message until the channel closes."""
         self._last_progress = trio.current_time()
-        await self._ensure_connected()
+        await self._retrying(self._ensure_connected)
         task_status.started()
         try:
             async with self._receive:
                 async for message in self._receive:
-                    await self._write(message)
+                    await self._handle(message)
                     self._last_progress = trio.current_time()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close, limiter=self._limiter)
 
-    async def _write(self, message: Message) -> None:
-        job = message.job
-        if isinstance(message, PageWrite) and message.job.write_error is not None:
-            return  # a page after a rejected one: writing it would leave a hole behind it
-        delay = db.RETRY_MIN_SECONDS
-        while True:
-            await self._ensure_connected()
-            self._busy_since = trio.current_time()
-            started = time.perf_counter()
-            try:
-                await trio.to_thread.run_sync(self._apply, message, limiter=self._limiter)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                # The connection broke or the server is going away: retry the whole message.
-                logger.warning("database write failed, retrying in {:.1f} s: {}", delay,
-                               redact(str(exc)).strip())
-                await trio.to_thread.run_sync(self._close, limiter=self._limiter)
-                await trio.sleep(delay)
-                delay = min(delay * 2, db.RETRY_MAX_SECONDS)
-                continue
-            except (psycopg.Error, OverflowError, ValueError, TypeError) as exc:
-                # Rejected data (by the server, or by the COPY encoder before it was sent).
-                self._errors += 1
-                what = "page" if isinstance(message, PageWrite) else type(message).__name__
-                error = f"database rejected the {what}: {redact(str(exc)).strip()}"
-                self.note_error(error if job is None else f"{job.symbol} {job.timeframe}: {error}")
-                if job is None:
-                    logger.error(error)
-                    return
-                job.write_error = error
-                logger.bind(symbol=job.symbol, timeframe=job.timeframe).error(job.write_error)
-                if isinstance(message, JobDone):
-                    job.done.set()  # its producer waits for this, and nothing else would set it
-                return
-            finally:
-                self._busy_since = None
-            seconds = time.perf_counter() - started
-            self._transactions += 1
-            self._last_seconds = seconds
-            message.committed(self, seconds)
-            return
+    # --- one message -----------------------------------------------------------------------
 
-    def _apply(self, message: Message) -> None:
+    async def _handle(self, message: Message) -> None:
+        if isinstance(message, PageWrite) and message.receipt.write_error is not None:
+            return  # a page after a rejected one: writing it would leave a hole behind it
+        outcome = None
+        if isinstance(message, JobFinished):
+            outcome = JobOutcome.decide(fetch_error=message.fetch.error,
+                                        write_error=message.receipt.write_error,
+                                        cancelled=message.fetch.cancelled)
+        self._busy_since = trio.current_time()
+        try:
+            seconds = await self._retrying(self._transaction, message, outcome)
+        except _Rejected as exc:
+            self._reject(message, str(exc))
+            return
+        finally:
+            self._busy_since = None
+        self._transactions += 1
+        self._last_seconds = seconds
+        self._committed(message, seconds, outcome)
+
+    async def _retrying(self, fn: Callable[..., float | None], *args: object) -> float:
+        """Run `fn(*args)` in the writer's thread until it does not raise DatabaseUnavailable:
+        reconnecting is part of each attempt, so an outage has one backoff schedule, not two."""
+        backoff = Backoff(DB_MIN_SECONDS, DB_MAX_SECONDS)
+
+        def wait(state: RetryCallState) -> float:
+            return backoff(state.attempt_number)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            logger.warning("database write failed, retrying in {:.1f} s: {}",
+                           state.upcoming_sleep or 0.0, exc)
+
+        def unavailable(exc: BaseException) -> bool:
+            return isinstance(exc, DatabaseUnavailable)
+
+        async for attempt in retrying(wait=wait, before_sleep=before_sleep,
+                                      retry_on=unavailable):
+            with attempt:
+                result = await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+                return result or 0.0
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _transaction(self, message: Message, outcome: JobOutcome | None) -> float:
+        """Apply `message` in one transaction (worker thread); return its duration.
+
+        Error handling: raises DatabaseUnavailable (connection closed, retried) or _Rejected
+        (permanent, with the redacted reason).
+        """
+        self._ensure_connected()
         conn = self._conn
         assert conn is not None
-        with conn.transaction(), conn.cursor() as cur:
-            message.apply(cur, self)
+        started = time.perf_counter()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                self._apply(cur, message, outcome)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            # The connection broke or the server is going away: retry the whole message.
+            self._close()
+            raise DatabaseUnavailable(redact(str(exc)).strip()) from None
+        except (psycopg.Error, OverflowError, ValueError, TypeError) as exc:
+            what = "page" if isinstance(message, PageWrite) else type(message).__name__
+            raise _Rejected(f"database rejected the {what}: {redact(str(exc)).strip()}") from None
+        return time.perf_counter() - started
 
-    async def _ensure_connected(self) -> None:
-        if self._conn is None or self._conn.closed:
-            self._conn = await db.run_when_available(self._connect, limiter=self._limiter)
+    def _apply(self, cur: psycopg.Cursor, message: Message, outcome: JobOutcome | None) -> None:
+        if isinstance(message, PageWrite):
+            self._apply_page(cur, message)
+        elif isinstance(message, JobFinished):
+            assert outcome is not None
+            monitoring.record_job(cur, self._job_row(message, outcome),
+                                  message.receipt.execution_id)
+        elif isinstance(message, ExecutionStarted):
+            monitoring.record_execution_started(cur, message)
+        else:
+            monitoring.record_execution_finished(cur, message)
 
-    def _connect(self) -> psycopg.Connection:
-        conn = db.connect(self._url)
+    def _apply_page(self, cur: psycopg.Cursor, page: PageWrite) -> None:
+        bars = page.bars
+        first, last = bars[0].t, bars[-1].t
+        for year in _years(first, last):
+            if year not in self._partitions:
+                cur.execute("SELECT bars_ensure_partition(%s)", (year,))
+        with cur.copy(_STAGE_COPY) as copy:
+            copy.set_types(_STAGE_TYPES)
+            write_row = copy.write_row
+            for bar in bars:
+                write_row((bar.t, bar.o, bar.h, bar.l, bar.c, bar.v, bar.vw, bar.n))
+        key = {"symbol": page.series.symbol, "timeframe": page.series.timeframe}
+        cur.execute(_UPSERT, key)
+        cur.execute(_CHECKPOINT, {**key, "covered_from": db.from_ms(page.covered_from_ms),
+                                  "covered_through": db.from_ms(max(last, first))})
+        monitoring.record_page(cur, page.series, max(first, last))
+
+    @staticmethod
+    def _job_row(message: JobFinished, outcome: JobOutcome) -> JobRow:
+        fetch, receipt = message.fetch, message.receipt
+        return JobRow(
+            message.series.symbol, message.series.timeframe, outcome, fetch.from_ms, fetch.to_ms,
+            receipt.bars_written, fetch.pages, fetch.attempts, fetch.api_seconds,
+            receipt.db_seconds, receipt.write_error or fetch.error)
+
+    # --- after the transaction (trio thread) -----------------------------------------------
+
+    def _committed(self, message: Message, seconds: float, outcome: JobOutcome | None) -> None:
+        if isinstance(message, PageWrite):
+            bars = message.bars
+            self._partitions.update(_years(bars[0].t, bars[-1].t))
+            receipt = message.receipt
+            receipt.bars_written += len(bars)
+            receipt.pages_written += 1
+            receipt.db_seconds += seconds
+            self._pages += 1
+            self._bars += len(bars)
+            self._observe(seconds)
+            if self._on_commit is not None:
+                self._on_commit()
+        elif isinstance(message, JobFinished):
+            message.receipt.db_seconds += seconds
+            if outcome is JobOutcome.FAILED:
+                error = message.receipt.write_error or message.fetch.error
+                self._note_error(f"{message.series}: {error}")
+            self._finish(message.receipt, outcome)
+
+    def _reject(self, message: Message, error: str) -> None:
+        self._errors += 1
+        if isinstance(message, PageWrite | JobFinished):
+            receipt = message.receipt
+            receipt.write_error = receipt.write_error or error
+            self._note_error(f"{message.series}: {error}")
+            logger.bind(symbol=message.series.symbol,
+                        timeframe=message.series.timeframe).error(error)
+            if isinstance(message, JobFinished):
+                # its producer waits for this, and nothing else would release it
+                self._finish(receipt, JobOutcome.FAILED)
+        else:
+            self._note_error(error)
+            logger.error(error)
+
+    @staticmethod
+    def _finish(receipt: Receipt, outcome: JobOutcome | None) -> None:
+        receipt.outcome = outcome
+        receipt.finished.set()
+
+    def _note_error(self, text: str) -> None:
+        self._last_error = (wall_clock(), text)
+
+    def _observe(self, seconds: float) -> None:
+        self._seconds_sum += seconds
+        for i, bound in enumerate(WRITE_BUCKETS):
+            if seconds <= bound:
+                self._buckets[i] += 1
+
+    # --- the connection (worker thread) ----------------------------------------------------
+
+    def _ensure_connected(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            return
+        conn = db.connect(self._url)  # DatabaseUnavailable when the server is not there
         try:
             conn.execute(_STAGE_DDL)
             conn.commit()
         except psycopg.Error as exc:
             conn.close()
-            # Retried like an unreachable server, as before: the writer has nothing else to do.
+            # Waited out like an unreachable server: the writer has nothing else to do.
             raise DatabaseUnavailable(f"cannot prepare the writer's stage table: {exc}") from None
         if self._ever_connected:
             self._reconnects += 1
         self._ever_connected = True
-        return conn
+        self._conn = conn
 
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _years(first_ms: int, last_ms: int) -> range:
+    lo, hi = min(first_ms, last_ms), max(first_ms, last_ms)
+    return range(time.gmtime(lo // 1000).tm_year, time.gmtime(hi // 1000).tm_year + 1)

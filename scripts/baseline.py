@@ -43,12 +43,13 @@ from psycopg import conninfo
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon.app import Daemon  # noqa: E402
+from daemon.app import serve  # noqa: E402
+from daemon.compose import Parts, build  # noqa: E402
 from daemon.config import parse_config  # noqa: E402
+from daemon.cycles import CycleSnapshot  # noqa: E402
 from daemon.demo import DEMO_SYMBOLS  # noqa: E402
 from daemon.embedded import embedded_postgres  # noqa: E402
 from daemon.log import setup_logging  # noqa: E402
-from daemon.scheduler import CycleProgress  # noqa: E402
 from daemon.simulator.process import simulator_process  # noqa: E402
 
 BOTTLENECK_SHARE = 0.60
@@ -88,25 +89,25 @@ def config_text(args: argparse.Namespace, base_url: str, api_key: str) -> str:
     )
 
 
-async def run_cycle(daemon: Daemon) -> tuple[CycleProgress | None, float]:
+async def run_cycle(parts: Parts) -> tuple[CycleSnapshot | None, float]:
     """Run one cycle; return it and the event loop's CPU seconds during it."""
     cpu_at_start = time.thread_time()
 
     async def note_start() -> None:
         nonlocal cpu_at_start
-        # No hook announces a cycle's start; 1 ms polling is precise enough for CPU accounting.
-        while daemon.scheduler.cycle is None:  # noqa: ASYNC110
+        # 1 ms polling of the snapshot is precise enough for CPU accounting.
+        while parts.snapshot().scheduler.cycle is None:  # noqa: ASYNC110
             await trio.sleep(0.001)
         cpu_at_start = time.thread_time()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(note_start)
-        cycle = await daemon.run(once=True)
+        cycle = await serve(parts, once=True)
         nursery.cancel_scope.cancel()
     return cycle, time.thread_time() - cpu_at_start
 
 
-def measure(cycle: CycleProgress, cpu: float) -> dict[str, object]:
+def measure(cycle: CycleSnapshot, cpu: float) -> dict[str, object]:
     assert cycle.finished is not None
     total = cycle.finished - cycle.started
     db = sum(j.db_seconds for j in cycle.jobs)
@@ -176,8 +177,7 @@ def main() -> int:
             base_url, api_key = stack.enter_context(simulator(args)), "baseline-key"
         url = stack.enter_context(database(args))
         config = parse_config(config_text(args, base_url, api_key), source="<baseline>", env={})
-        daemon = Daemon(config, url)
-        cycle, cpu = trio.run(run_cycle, daemon)
+        cycle, cpu = trio.run(run_cycle, build(config, url))
     if cycle is None:
         raise SystemExit("baseline: the cycle did not complete")
     result = {"target": "simulator" if not args.base_url else args.base_url,

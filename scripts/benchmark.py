@@ -32,15 +32,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon import db  # noqa: E402
-from daemon.app import Daemon  # noqa: E402
+from daemon.app import serve  # noqa: E402
 from daemon.bars import AggsResponse, validate_bars  # noqa: E402
+from daemon.compose import build  # noqa: E402
 from daemon.config import parse_config  # noqa: E402
 from daemon.embedded import embedded_postgres  # noqa: E402
+from daemon.jobs import FetchResult, JobOutcome, Receipt, SeriesKey  # noqa: E402
 from daemon.log import setup_logging  # noqa: E402
 from daemon.simulator.data import ground_truth  # noqa: E402
 from daemon.simulator.process import simulator_process  # noqa: E402
 from daemon.timeframes import parse_timeframe  # noqa: E402
-from daemon.writer import JobDone, JobState, PageWrite, Writer, open_writer_channel  # noqa: E402
+from daemon.writer import JobFinished, PageWrite, Writer, open_writer_channel  # noqa: E402
 
 PAGE = 50_000
 
@@ -77,17 +79,18 @@ def bench_decode(rounds: int) -> dict[str, float]:
 async def _write_pages(url: str, pages: list[list]) -> float:
     send, receive = open_writer_channel(4)
     writer = Writer(url, receive)
-    job = JobState("BENCH", "1m", pages[0][0].t, pages[-1][-1].t)
+    series, receipt = SeriesKey("BENCH", "1m"), Receipt()
+    first, last = pages[0][0].t, pages[-1][-1].t
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         t = time.perf_counter()
         async with send:
             for bars in pages:
-                await send.send(PageWrite(job, bars))
-            await send.send(JobDone(job))
-        await job.done.wait()
+                await send.send(PageWrite(series, bars, first, receipt))
+            await send.send(JobFinished(series, FetchResult(first, last), receipt))
+        await receipt.finished.wait()
         elapsed = time.perf_counter() - t
-    assert job.ok, job.error
+    assert receipt.outcome is JobOutcome.OK, receipt.write_error
     return elapsed
 
 
@@ -131,17 +134,17 @@ def bench_rate(server_url: str, rpm: float, latency_ms: str, symbols: int, secon
             '[status]\nlisten = "127.0.0.1:0"\n',
             env={},
         )
-        daemon = Daemon(config, url)
+        parts = build(config, url)
 
         async def main() -> float:
             with trio.move_on_after(seconds):
-                await daemon.run(once=True)
+                await serve(parts, once=True)
             return time.perf_counter()
 
         t = time.perf_counter()
         end = trio.run(main)
         elapsed = end - t
-    stats = daemon.client.statistics()
+    stats = parts.client.statistics()
     achieved = stats.total_requests / elapsed * 60
     return {
         "budget_rpm": rpm,
@@ -151,7 +154,7 @@ def bench_rate(server_url: str, rpm: float, latency_ms: str, symbols: int, secon
         "achieved_rpm": round(achieved),
         "budget_used_pct": round(100 * achieved / rpm, 1),
         "rate_limited": stats.rate_limited_count,
-        "bars_written": daemon.writer.statistics().bars_written,
+        "bars_written": parts.writer.statistics().bars_written,
     }
 
 

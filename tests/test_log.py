@@ -27,7 +27,9 @@ from daemon.market_calendar import et_midnight_ms
 from daemon.polygon import PolygonClient
 from daemon.ratelimit import RateLimiter
 from daemon.scheduler import Scheduler
-from daemon.writer import JobDone, open_writer_channel
+from daemon.writer import open_writer_channel
+
+from .writing import acknowledge
 
 KEY = "sk_live_0123456789abcdef"
 
@@ -189,12 +191,6 @@ async def test_every_line_about_a_job_names_symbol_and_timeframe(
     limiter = RateLimiter(0, max_in_flight=4)
     send, receive = open_writer_channel(4)
 
-    async def acknowledge() -> None:
-        async with receive:
-            async for message in receive:
-                if isinstance(message, JobDone):
-                    message.job.done.set()
-
     async def no_checkpoints(symbol: str) -> dict:
         return {}
 
@@ -203,7 +199,7 @@ async def test_every_line_about_a_job_names_symbol_and_timeframe(
         sched = Scheduler(cfg, client, send, checkpoints=no_checkpoints,
                           today=lambda: dt.date(2024, 1, 10))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(acknowledge)
+            nursery.start_soon(acknowledge, receive)
             await sched.run(once=True)
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     about_jobs = [r for r in records if not r["message"].startswith("cycle ")]

@@ -14,13 +14,14 @@ import trio
 from daemon import db
 from daemon.bars import Bar
 from daemon.config import parse_config
+from daemon.jobs import JobOutcome
 from daemon.monitoring import ExecutionFinished, ExecutionStarted, JobRow
 from daemon.polygon import ClientStatistics, Page
 from daemon.scheduler import Scheduler
 from daemon.timeframes import Timeframe
-from daemon.writer import JobDone, JobState, PageWrite, Writer, open_writer_channel
+from daemon.writer import Writer, open_writer_channel
 
-from .writing import write_all
+from .writing import Job, write_all
 
 DAY = 86_400_000
 T0 = 1_700_000_000_000  # 2023-11-14
@@ -49,12 +50,12 @@ def finished(eid: uuid.UUID, **values: Any) -> ExecutionFinished:
 
 async def test_a_job_and_its_execution_are_recorded_with_the_data(database: str) -> None:
     eid = uuid.uuid4()
-    job = JobState("BRK.A", "1d", T0, T0 + 10 * DAY, execution_id=eid, pages_fetched=2,
+    job = Job("BRK.A", "1d", T0, T0 + 10 * DAY, execution_id=eid, pages=2,
                    attempts=3, api_seconds=1.25)
     await write_all(database, [
-        started(eid), PageWrite(job, [bar(T0), bar(T0 + DAY)]), PageWrite(job, [bar(T0 + 2 * DAY)]),
-        JobDone(job), finished(eid)])
-    assert job.done.is_set() and job.ok
+        started(eid), job.page([bar(T0), bar(T0 + DAY)]), job.page([bar(T0 + 2 * DAY)]),
+        job.done(), finished(eid)])
+    assert job.receipt.finished.is_set() and job.receipt.outcome is JobOutcome.OK
     [execution] = query(database, "SELECT instance, number, trigger, status, started_at,"
                         " finished_at, duration_seconds, jobs_total, jobs_ok, jobs_failed,"
                         " bars_written, requests, rate_limited, retries, error FROM executions")
@@ -74,11 +75,11 @@ async def test_a_job_and_its_execution_are_recorded_with_the_data(database: str)
 
 async def test_a_rejected_page_leaves_freshness_where_the_data_is(database: str) -> None:
     eid = uuid.uuid4()
-    job = JobState("A", "1d", T0, T0 + 10 * DAY, execution_id=eid)
+    job = Job("A", "1d", T0, T0 + 10 * DAY, execution_id=eid)
     bad = [Bar(t=T0 + 5 * DAY, o=1, h=1, l=1, c=1, v=1, n=2**70)]  # int8 overflow: rejected
     writer = await write_all(database, [
-        started(eid), PageWrite(job, [bar(T0)]), PageWrite(job, bad), JobDone(job)])
-    assert job.done.is_set() and not job.ok
+        started(eid), job.page([bar(T0)]), job.page(bad), job.done()])
+    assert job.receipt.outcome is JobOutcome.FAILED
     assert query(database, "SELECT last_bar_ts, last_success_at, last_error IS NOT NULL"
                  " FROM series_freshness") == [(db.from_ms(T0), None, True)]
     assert query(database, "SELECT status, bars, error LIKE 'database rejected the page%'"
@@ -92,22 +93,22 @@ async def test_a_rejected_page_leaves_freshness_where_the_data_is(database: str)
 async def test_failures_keep_the_last_success_and_successes_keep_the_last_error(
         database: str) -> None:
     first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    ok = JobState("A", "1h", T0, T0 + DAY, execution_id=first)
-    failing = JobState("A", "1h", T0, T0 + DAY, execution_id=second,
-                       fetch_error="ApiServerError: gave up after 5 attempts; last: HTTP 503")
-    again = JobState("A", "1h", T0, T0 + 2 * DAY, execution_id=third)
-    await write_all(database, [started(first), PageWrite(ok, [bar(T0)]), JobDone(ok)])
+    ok = Job("A", "1h", T0, T0 + DAY, execution_id=first)
+    failing = Job("A", "1h", T0, T0 + DAY, execution_id=second,
+                       error="ApiServerError: gave up after 5 attempts; last: HTTP 503")
+    again = Job("A", "1h", T0, T0 + 2 * DAY, execution_id=third)
+    await write_all(database, [started(first), ok.page([bar(T0)]), ok.done()])
     [(success_1,)] = query(database, "SELECT last_success_at FROM series_freshness")
-    await write_all(database, [started(second, 2), JobDone(failing)])
+    await write_all(database, [started(second, 2), failing.done()])
     row = query(database, "SELECT last_success_at, last_error, last_error_at IS NOT NULL"
                 " FROM series_freshness")
-    assert row == [(success_1, failing.fetch_error, True)]
-    await write_all(database, [started(third, 3), PageWrite(again, [bar(T0 + DAY)]),
-                               JobDone(again)])
+    assert row == [(success_1, failing.fetch.error, True)]
+    await write_all(database, [started(third, 3), again.page([bar(T0 + DAY)]),
+                               again.done()])
     [(success_3, error, bar_ts, checked)] = query(
         database, "SELECT last_success_at, last_error, last_bar_ts, checked_through"
         " FROM series_freshness")
-    assert success_3 > success_1 and error == failing.fetch_error
+    assert success_3 > success_1 and error == failing.fetch.error
     assert (bar_ts, checked) == (db.from_ms(T0 + DAY), db.from_ms(T0 + 2 * DAY))
     assert query(database, "SELECT status FROM job_results ORDER BY finished_at") == [
         ("ok",), ("failed",), ("ok",)]
@@ -116,14 +117,14 @@ async def test_failures_keep_the_last_success_and_successes_keep_the_last_error(
 async def test_a_series_run_twice_in_one_execution_is_one_row_and_cancelled_is_not_failed(
         database: str) -> None:
     eid = uuid.uuid4()
-    a1 = JobState("A", "1d", T0, T0 + DAY, execution_id=eid, pages_fetched=1, attempts=1)
-    a2 = JobState("A", "1d", T0 + DAY, T0 + 3 * DAY, execution_id=eid, pages_fetched=1,
+    a1 = Job("A", "1d", T0, T0 + DAY, execution_id=eid, pages=1, attempts=1)
+    a2 = Job("A", "1d", T0 + DAY, T0 + 3 * DAY, execution_id=eid, pages=1,
                   attempts=2)
-    b = JobState("B", "1d", T0, T0 + DAY, execution_id=eid, pages_fetched=1, attempts=1,
+    b = Job("B", "1d", T0, T0 + DAY, execution_id=eid, pages=1, attempts=1,
                  cancelled=True)
-    await write_all(database, [started(eid), PageWrite(a1, [bar(T0)]), JobDone(a1),
-                               PageWrite(a2, [bar(T0 + DAY), bar(T0 + 2 * DAY)]), JobDone(a2),
-                               PageWrite(b, [bar(T0)]), JobDone(b)])
+    await write_all(database, [started(eid), a1.page([bar(T0)]), a1.done(),
+                               a2.page([bar(T0 + DAY), bar(T0 + 2 * DAY)]), a2.done(),
+                               b.page([bar(T0)]), b.done()])
     assert query(database, "SELECT symbol, status, from_ts, to_ts, bars, pages, attempts"
                  " FROM job_results ORDER BY symbol") == [
         ("A", "ok", db.from_ms(T0), db.from_ms(T0 + 3 * DAY), 3, 2, 3),
@@ -136,30 +137,36 @@ async def test_a_series_run_twice_in_one_execution_is_one_row_and_cancelled_is_n
                                                               ("B", True, None)]
 
 
+def late(job: Job) -> JobRow:
+    return JobRow(job.series.symbol, job.series.timeframe, JobOutcome.FAILED, job.fetch.from_ms,
+                  job.fetch.to_ms, 0, 0, 0, 0.0, 0.0, job.fetch.error)
+
+
 async def test_failures_the_writer_never_saw_are_recorded_at_the_end(database: str) -> None:
     eid = uuid.uuid4()
-    seen = JobState("A", "1d", T0, T0 + DAY, execution_id=eid, fetch_error="BadData: h < l")
-    unseen = JobState("B", "*", 0, 0, execution_id=eid,
-                      fetch_error="cannot read checkpoints: server closed the connection")
+    seen = Job("A", "1d", T0, T0 + DAY, execution_id=eid, error="BadData: h < l")
+    unseen = Job("B", "*", 0, 0, execution_id=eid,
+                      error="cannot read checkpoints: server closed the connection")
     await write_all(database, [
-        started(eid), JobDone(seen),
+        started(eid), seen.done(),
         finished(eid, status="failed", jobs_total=2, jobs_ok=0, jobs_failed=2, bars_written=0,
-                 late_failures=(JobRow.of(seen), JobRow.of(unseen)))])
+                 late_failures=(late(seen), late(unseen)))])
     assert query(database, "SELECT symbol, timeframe, status, error FROM job_results"
                  " ORDER BY symbol") == [("A", "1d", "failed", "BadData: h < l"),
-                                        ("B", "*", "failed", unseen.fetch_error)]
+                                        ("B", "*", "failed", unseen.fetch.error)]
     assert query(database, "SELECT status, jobs_failed FROM executions") == [("failed", 2)]
     assert query(database, "SELECT symbol FROM series_freshness") == [("A",)]
 
 
 async def test_a_rejected_job_done_still_releases_its_producer(database: str) -> None:
-    job = JobState("A", "1d", T0, T0 + DAY, execution_id=uuid.uuid4())  # no such execution
-    later = JobState("B", "1d", T0, T0 + DAY)
-    writer = await write_all(database, [PageWrite(job, [bar(T0)]), JobDone(job),
-                                        PageWrite(later, [bar(T0)]), JobDone(later)])
-    assert job.done.is_set() and job.write_error is not None
-    assert "rejected the JobDone" in job.write_error
-    assert later.done.is_set() and later.ok
+    job = Job("A", "1d", T0, T0 + DAY, execution_id=uuid.uuid4())  # no such execution
+    later = Job("B", "1d", T0, T0 + DAY)
+    writer = await write_all(database, [job.page([bar(T0)]), job.done(),
+                                        later.page([bar(T0)]), later.done()])
+    assert job.receipt.finished.is_set() and job.receipt.write_error is not None
+    assert "rejected the JobFinished" in job.receipt.write_error
+    assert job.receipt.outcome is JobOutcome.FAILED
+    assert later.receipt.outcome is JobOutcome.OK
     assert writer.statistics().write_errors == 1
 
 

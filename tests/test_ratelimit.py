@@ -248,6 +248,7 @@ async def test_statistics_is_a_frozen_snapshot(autojump_clock: trio.testing.Mock
         waiting=0,
         paused_until=None,
         total_granted=0,
+        max_in_flight=4,
     )
     with pytest.raises(AttributeError):
         stats.in_flight = 3  # type: ignore[misc]

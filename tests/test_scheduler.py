@@ -22,7 +22,9 @@ from daemon.market_calendar import et_midnight_ms
 from daemon.polygon import ClientStatistics, Page
 from daemon.scheduler import Scheduler, plan_job
 from daemon.timeframes import Timeframe, parse_timeframe
-from daemon.writer import JobDone, Message, PageWrite, open_writer_channel
+from daemon.writer import open_writer_channel
+
+from .writing import acknowledge
 
 TODAY = dt.date(2024, 3, 15)
 D1 = parse_timeframe("1d")
@@ -57,15 +59,6 @@ class ScriptedClient:
             bar = Bar(t=from_ms + i, o=1, h=1, l=1, c=1, v=1)
             yield Page([bar], attempts=1, api_seconds=0.0, bytes=0,
                        last=i == self.pages_per_job - 1)
-
-
-async def acknowledge(receive: trio.MemoryReceiveChannel[Message]) -> None:
-    async with receive:
-        async for message in receive:
-            if isinstance(message, PageWrite):
-                message.job.bars_written += len(message.bars)
-            elif isinstance(message, JobDone):
-                message.job.done.set()
 
 
 async def no_checkpoints(symbol: str) -> dict[tuple[str, str], db.Checkpoint]:
@@ -157,7 +150,8 @@ async def test_symbols_bounded_and_timeframes_concurrent(autojump_clock: trio.ab
     async def watch() -> None:
         nonlocal peak
         while True:
-            running = {s for s, state in (sched.cycle.symbols.items() if sched.cycle else [])
+            cycle = sched.statistics().cycle
+            running = {s for s, state in (cycle.symbols.items() if cycle else [])
                        if state == "running"}
             peak = max(peak, len(running))
             await trio.sleep(0.5)
@@ -276,7 +270,7 @@ async def test_reload_of_refresh_minutes_moves_the_next_cycle(
         nursery.start_soon(acknowledge, receive)
         nursery.start_soon(sched.run)
         await trio.sleep(100)
-        assert sched.next_cycle_at == t0 + 3600
+        assert sched.statistics().next_cycle_at == t0 + 3600
         sched.update_config(config(symbols=["A"], timeframes=["1d"], start="2024-01-02",
                                    refresh_minutes=10))
         await trio.sleep(1300)

@@ -19,28 +19,37 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import status
-from daemon.app import Daemon
+from daemon import monitoring
+from daemon.app import serve
+from daemon.compose import Parts, build
 from daemon.config import parse_config
 from daemon.db import load_migrations
 from daemon.monitoring import check_database
 from daemon.simulator.server import SimulatorOptions, serve_simulator
+from daemon.status import StatusOptions
+from daemon.status.cache import Cached, Outcome
 from daemon.status_cli import run_status
 
 SYMBOLS = ["AAPL", "X:BTCUSD"]
 TIMEFRAMES = ["1d", "1h"]
 
 
-@pytest.fixture(autouse=True)
-def fast_status(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No answer caching (each request sees the database now) and a short read timeout."""
-    monkeypatch.setattr(status, "CACHE_SECONDS", 0.0)
-    monkeypatch.setattr(status, "READ_TIMEOUT", 0.5)
+# No answer caching (each request sees the database now) and a short read timeout.
+FAST = StatusOptions(cache_seconds=0.0, read_timeout=0.5)
+
+
+class Running:
+    """A daemon under test: its parts (for their statistics) and its status port."""
+
+    def __init__(self, parts: Parts, port: int | None) -> None:
+        self.parts = parts
+        self.status_port = port
+        self.writer, self.client, self.scheduler = parts.writer, parts.client, parts.scheduler
 
 
 async def start(nursery: trio.Nursery, database: str, *, api_key: str = "k",
                 extra: str = "", latency_ms: tuple[float, float] = (0, 0),
-                wait: bool = True) -> Daemon:
+                wait: bool = True, options: StatusOptions = FAST) -> Running:
     """Simulator + daemon (status on a free port); returns once the first cycle is done."""
     sim_port = await nursery.start(serve_simulator, SimulatorOptions(
         port=0, seed=5, api_key="k", latency_ms=latency_ms))
@@ -54,23 +63,19 @@ async def start(nursery: trio.Nursery, database: str, *, api_key: str = "k",
         + extra,
         env={}, source="test.toml",
     )
-    daemon = Daemon(config, database)
-    await nursery.start(daemon.run)
+    parts = build(config, database, status_options=options)
+    daemon = Running(parts, await nursery.start(serve, parts))
     if wait:
         await wait_for_cycle(daemon, 1)
     return daemon
 
 
-async def wait_for_cycle(daemon: Daemon, number: int) -> None:
-    done = trio.Event()
-    daemon.scheduler.on_cycle_done.append(lambda cycle: cycle.number >= number and done.set())
-    last = daemon.scheduler.last_cycle
-    if last is None or last.number < number:
-        with trio.fail_after(20):
-            await done.wait()
+async def wait_for_cycle(daemon: Running, number: int) -> None:
+    with trio.fail_after(20):
+        await daemon.scheduler.wait_cycle_done(number)
 
 
-def client(daemon: Daemon) -> httpx.AsyncClient:
+def client(daemon: Running) -> httpx.AsyncClient:
     assert daemon.status_port
     return httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.status_port}", timeout=5)
 
@@ -311,7 +316,8 @@ async def test_bad_clients_cost_their_connection_only(nursery: trio.Nursery,
         # ...and the writer is not held up: a whole new cycle commits meanwhile
         daemon.scheduler.trigger()
         await wait_for_cycle(daemon, 2)
-        assert daemon.scheduler.last_cycle is not None and daemon.scheduler.last_cycle.ok
+        last = daemon.scheduler.statistics().last_cycle
+        assert last is not None and last.ok
         st = (await http.get("/status")).json()
         assert st["last_cycle"]["number"] == 2 and st["last_cycle"]["trigger"] == "wake"
     async with half:
@@ -340,17 +346,16 @@ async def read_all_or_first(stream: trio.SocketStream) -> bytes:
 
 async def test_answers_are_cached_and_fetched_once(nursery: trio.Nursery, database: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(status, "CACHE_SECONDS", 60.0)
     calls = 0
-    real = status.monitoring.check_database
+    real = monitoring.check_database
 
     def counting(url: str, migrations: list) -> str | None:  # type: ignore[type-arg]
         nonlocal calls
         calls += 1
         return real(url, migrations)
 
-    monkeypatch.setattr(status.monitoring, "check_database", counting)
-    daemon = await start(nursery, database)
+    monkeypatch.setattr(monitoring, "check_database", counting)
+    daemon = await start(nursery, database, options=StatusOptions(cache_seconds=60.0))
     async with client(daemon) as http:
         async with trio.open_nursery() as burst:
             for _ in range(30):
@@ -369,23 +374,26 @@ async def test_port_in_use_is_logged_and_the_daemon_runs_on(nursery: trio.Nurser
             f'[polygon]\nbase_url = "http://127.0.0.1:{sim_port}"\napi_key = "k"\n'
             '[backfill]\nsymbols = ["AAPL"]\ntimeframes = ["1d"]\nhistory_days = 5\n'
             f'[status]\nlisten = "127.0.0.1:{port}"\n', env={})
-        daemon = Daemon(config, database)
-        cycle = await daemon.run(once=True)
-    assert daemon.status_port is None
-    assert cycle is not None and cycle.ok
+        parts = build(config, database)
+        async with trio.open_nursery() as inner:
+            port = await inner.start(serve, parts)
+            cycle = await parts.scheduler.wait_cycle_done(1)
+            parts.controls.stop()
+    assert port is None
+    assert cycle.ok
 
 
 async def test_a_stale_answer_is_served_while_it_refreshes(autojump_clock: trio.abc.Clock
                                                            ) -> None:
     fetched: list[float] = []
 
-    async def fetch() -> status._Outcome[int]:
+    async def fetch() -> Outcome[int]:
         fetched.append(trio.current_time())
         await trio.sleep(0.5)  # a slow database
-        return status._Outcome(len(fetched), None)
+        return Outcome(len(fetched), None)
 
     async with trio.open_nursery() as nursery:
-        cache = status._Cached(1.0, fetch, nursery)
+        cache = Cached(1.0, fetch, nursery)
         t0 = trio.current_time()
         assert (await cache.get()).value == 1  # nothing yet: the caller waits
         assert trio.current_time() - t0 == 0.5

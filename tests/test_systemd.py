@@ -26,11 +26,15 @@ import trio
 import trio.testing
 from loguru import logger
 
-from daemon import app, systemd
+from daemon import app, reload, systemd
+from daemon.compose import build
 from daemon.config import parse_config
-from daemon.scheduler import CycleProgress
+from daemon.cycles import SchedulerState, SymbolState
+from daemon.jobs import JobOutcome
 from daemon.systemd import Notifier, run_status_updates, run_watchdog, status_text
-from daemon.writer import JobState, WriterStatistics
+from daemon.writer import WriterStatistics
+
+from . import snapshots
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "backfilld.service"
 
@@ -210,52 +214,44 @@ async def test_wedged_writer_lets_the_watchdog_fire(autojump_clock: trio.abc.Clo
     assert max(b - a for a, b in zip(pings, pings[1:], strict=False)) > 10
 
 
-async def test_daemon_watchdog_bound_is_the_watchdog_timeout(autojump_clock, tmp_path) -> None:
-    # Wiring: Daemon._ready starts the watchdog with stall = WATCHDOG_USEC (2 x interval).
-    cfg = parse_config('[backfill]\nsymbols = ["A"]\n', env={})
+async def test_watchdog_defaults_come_from_watchdog_usec(autojump_clock: trio.abc.Clock
+                                                          ) -> None:
+    # WATCHDOG_USEC = 4 s: pings every 2 s; a writer busy for more than 4 s is wedged.
     notifier = RecordingNotifier()
     notifier.watchdog_usec = 4_000_000
-    daemon = app.Daemon(cfg, "postgresql://unused", notifier=notifier)
     wedged = ScriptedWriter()
-    daemon.writer.statistics = wedged.statistics  # type: ignore[method-assign]
     t0 = trio.current_time()
-    async with trio.open_nursery() as root:
-        daemon._ready(root)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_watchdog, notifier, wedged.statistics)
         await trio.sleep(3)
         wedged.busy_since = trio.current_time()  # t=3; > 4 s busy from t=7 on
         await trio.sleep(8.5)
-        root.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
     assert [t - t0 for t in notifier.times("WATCHDOG")] == [0, 2, 4, 6]
-    ready = [f for _, f in notifier.messages if "READY" in f]
-    assert ready == [{"READY": 1, "STATUS": "ready: 1 symbols x 5 timeframes"}]
+    with pytest.raises(ValueError, match="no watchdog"):
+        await run_watchdog(RecordingNotifier(), wedged.statistics)
 
 
 # --- STATUS= ------------------------------------------------------------------------------
 
 
-def _cycle(number: int = 3) -> CycleProgress:
-    cycle = CycleProgress(number=number, trigger="schedule", started_wall=0.0, started=100.0)
-    cycle.symbols = {"A": "done", "B": "running", "C": "queued", "D": "failed"}
-    ok = JobState("A", "1d", 0, 1)
-    ok.done.set()
-    bad = JobState("D", "1d", 0, 1, fetch_error="ApiServerError: 503")
-    bad.done.set()
-    cycle.jobs = [ok, bad, JobState("B", "1d", 0, 1)]
-    return cycle
-
-
 def test_status_text_running_idle_stopping_and_failed_reload() -> None:
-    cycle = _cycle()
-    assert status_text(cycle=cycle, last_cycle=None, next_cycle_in=None, bars_written=1234,
-                       stopping=False, reload_error=None) == (
+    jobs = (snapshots.job("A", JobOutcome.OK),
+            snapshots.job("D", JobOutcome.FAILED, "ApiServerError: 503"),
+            snapshots.job("B", None))
+    states = {"A": SymbolState.DONE, "B": SymbolState.RUNNING, "C": SymbolState.QUEUED,
+              "D": SymbolState.FAILED}
+    running = snapshots.cycle(symbols=states, jobs=jobs)
+    assert status_text(snapshots.snapshot(cycle=running, bars_written=1234)) == (
         "cycle 3 (schedule): 2/4 symbols done, 1 running, 2 jobs done, 1 failed; "
         "1234 bars written")
-    cycle.finished = 141.0
-    assert status_text(cycle=None, last_cycle=cycle, next_cycle_in=3540, bars_written=5,
-                       stopping=False, reload_error=None) == (
+    finished = snapshots.cycle(symbols=states, jobs=jobs, finished=141.0)
+    idle = snapshots.snapshot(now=200.0, last_cycle=finished, next_cycle_at=3740.0,
+                              bars_written=5)
+    assert status_text(idle) == (
         "idle: cycle 3 took 41 s, 3 jobs, 1 failed; next in 59 min; 5 bars written")
-    text = status_text(cycle=None, last_cycle=None, next_cycle_in=None, bars_written=0,
-                       stopping=True, reload_error="/etc/backfilld/config.toml:7: key 'x': bad")
+    text = status_text(snapshots.snapshot(
+        state=SchedulerState.STOPPING, reload_error="/etc/backfilld/config.toml:7: key 'x': bad"))
     assert text.startswith("stopping: finishing in-flight pages; starting; 0 bars written")
     assert text.endswith("LAST RELOAD FAILED (old config kept): "
                          "/etc/backfilld/config.toml:7: key 'x': bad")
@@ -294,16 +290,15 @@ async def test_reload_applies_rate_and_concurrency_live_and_notifies(tmp_path: P
     path = tmp_path / "config.toml"
     path.write_text('[backfill]\nsymbols = ["A"]\n')
     notifier = RecordingNotifier()
-    daemon = app.Daemon(parse_config(path.read_text(), env={}), "postgresql://unused",
-                        config_path=path, notifier=notifier)
+    parts = build(parse_config(path.read_text(), env={}), "postgresql://unused",
+                  config_path=path, notifier=notifier)
     path.write_text('[polygon]\nrequests_per_minute = 600\nmax_in_flight = 4\n'
                     '[backfill]\nsymbols = ["A", "B"]\nmax_concurrent_symbols = 7\n')
-    assert daemon.reload_config()
-    assert daemon.limiter.statistics().configured_per_minute == 600
-    assert daemon.limiter._slots.total_tokens == 4
-    assert daemon.scheduler._symbol_limiter.total_tokens == 7
-    assert daemon.scheduler.config.backfill.symbols == ("A", "B")
-    assert daemon.reload.generation == 2
+    assert parts.controls.reload()
+    snap = parts.snapshot()
+    assert snap.limiter.configured_per_minute == 600 and snap.limiter.max_in_flight == 4
+    assert snap.scheduler.symbol_slots == 7
+    assert snap.config.backfill.symbols == ("A", "B") and snap.reload.generation == 2
     (_, reloading), (_, ready) = notifier.messages
     assert list(reloading) == ["RELOADING", "MONOTONIC_USEC", "STATUS"]
     assert abs(int(str(reloading["MONOTONIC_USEC"])) - systemd.monotonic_usec()) < 5_000_000
@@ -312,21 +307,22 @@ async def test_reload_applies_rate_and_concurrency_live_and_notifies(tmp_path: P
     # a bad file: refused, the running config stays, READY=1 all the same
     notifier.messages.clear()
     path.write_text('[backfill]\nsymbols = ["A"]\nmax_concurrent_symbols = "many"\n')
-    assert not daemon.reload_config()
-    assert daemon.scheduler._symbol_limiter.total_tokens == 7
-    assert daemon.config.backfill.symbols == ("A", "B") and daemon.reload.generation == 2
-    assert daemon.reload.last_error == (
+    assert not parts.controls.reload()
+    snap = parts.snapshot()
+    assert snap.scheduler.symbol_slots == 7
+    assert snap.config.backfill.symbols == ("A", "B") and snap.reload.generation == 2
+    assert snap.reload.last_error == (
         f"{path}:3: key 'backfill.max_concurrent_symbols': expected a whole number from 1 to "
         "1000")
     assert [list(f)[0] for _, f in notifier.messages] == ["RELOADING", "READY"]
-    assert daemon.reload.last_error in str(notifier.messages[-1][1]["STATUS"])
+    assert snap.reload.last_error in str(notifier.messages[-1][1]["STATUS"])
 
     # once stopping, a reload is ignored (and systemd hears nothing about it)
     notifier.messages.clear()
-    daemon.stop()
-    assert not daemon.reload_config()
+    parts.controls.stop()
+    assert not parts.controls.reload()
     assert [list(f)[0] for _, f in notifier.messages] == ["STOPPING"]
-    assert daemon.limiter.closed
+    assert parts.limiter.closed
 
 
 def test_reload_change_summary() -> None:
@@ -334,10 +330,10 @@ def test_reload_change_summary() -> None:
     new = parse_config('[polygon]\nrequests_per_minute = 300\napi_key = "k2"\n'
                        '[backfill]\nsymbols = ["A", "C"]\ntimeframes = ["1d", "5m"]\n'
                        '[status]\nlisten = "127.0.0.1:9"\n', env={})
-    assert app.describe_changes(old, new) == [
+    assert reload.describe_changes(old, new) == [
         "symbols + C", "symbols - B (stop after their current page)", "timeframes + 5m",
         "polygon.api_key ***", "polygon.requests_per_minute 150.0 -> 300.0"]
-    assert app.restart_only_changes(old, new) == ["[status] listen"]
+    assert reload.restart_only_changes(old, new) == ["[status] listen"]
 
 
 # --- the unit file ----------------------------------------------------------------------------

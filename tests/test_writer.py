@@ -8,9 +8,10 @@ import trio
 
 from daemon import db
 from daemon.bars import Bar
-from daemon.writer import JobDone, JobState, PageWrite, Writer, open_writer_channel
+from daemon.jobs import JobOutcome
+from daemon.writer import Writer, open_writer_channel
 
-from .writing import write_all
+from .writing import Job, write_all
 
 DAY = 86_400_000
 T0 = 1_700_000_000_000  # 2023-11-14
@@ -29,11 +30,11 @@ def rows(url: str) -> list[tuple[object, ...]]:
 
 
 async def test_page_and_checkpoint_commit_together(database: str) -> None:
-    job = JobState("BRK.A", "1d", T0, T0 + 10 * DAY)
+    job = Job("BRK.A", "1d", T0, T0 + 10 * DAY)
     bars = [bar(T0 + i * DAY) for i in range(3)]
-    writer = await write_all(database, [PageWrite(job, bars), JobDone(job)])
-    assert job.done.is_set() and job.ok
-    assert job.bars_written == 3 and job.pages_written == 1
+    writer = await write_all(database, [job.page(bars), job.done()])
+    assert job.receipt.finished.is_set() and job.receipt.outcome is JobOutcome.OK
+    assert job.receipt.bars_written == 3 and job.receipt.pages_written == 1
     got = rows(database)
     assert [db.to_ms(r[2]) for r in got] == [b.t for b in bars]
     assert got[0][:2] == ("BRK.A", "1d")
@@ -44,24 +45,24 @@ async def test_page_and_checkpoint_commit_together(database: str) -> None:
 
 
 async def test_rewrite_is_idempotent_and_applies_revisions(database: str) -> None:
-    job = JobState("X:BTCUSD", "1h", T0, T0 + DAY)
+    job = Job("X:BTCUSD", "1h", T0, T0 + DAY)
     first = [bar(T0), bar(T0 + 3_600_000, vw=None, n=None)]
     revised = [bar(T0), bar(T0 + 3_600_000, close=11.5)]
-    await write_all(database, [PageWrite(job, first), PageWrite(job, first),
-                               PageWrite(job, revised), JobDone(job)])
+    await write_all(database, [job.page(first), job.page(first),
+                               job.page(revised), job.done()])
     got = rows(database)
     assert len(got) == 2
     assert got[1][6] == 11.5 and got[1][8] == 10.0 and got[1][9] == 5
     # nulls stay nulls when the API sends none
-    job2 = JobState("AAPL", "1h", T0, T0 + DAY)
-    await write_all(database, [PageWrite(job2, [bar(T0, vw=None, n=None)])])
+    job2 = Job("AAPL", "1h", T0, T0 + DAY)
+    await write_all(database, [job2.page([bar(T0, vw=None, n=None)])])
     assert rows(database)[0][8:] == (None, None)
 
 
 async def test_partitions_created_across_years(database: str) -> None:
-    job = JobState("I:SPX", "1d", 0, 2**62)
+    job = Job("I:SPX", "1d", 0, 2**62)
     years = [1_072_915_200_000, 1_704_067_200_000, 1_735_689_600_000]  # 2004, 2024, 2025
-    await write_all(database, [PageWrite(job, [bar(t) for t in years]), JobDone(job)])
+    await write_all(database, [job.page([bar(t) for t in years]), job.done()])
     with psycopg.connect(database) as conn:
         parts = sorted(r[0] for r in conn.execute(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
@@ -71,63 +72,63 @@ async def test_partitions_created_across_years(database: str) -> None:
 
 
 async def test_checkpoint_extends_only_when_touching(database: str) -> None:
-    a = JobState("A", "1d", T0, T0 + 100 * DAY)
-    await write_all(database, [PageWrite(a, [bar(T0 + 10 * DAY)])])
+    a = Job("A", "1d", T0, T0 + 100 * DAY)
+    await write_all(database, [a.page([bar(T0 + 10 * DAY)])])
     # a resumed job that overlaps the span extends it
-    b = JobState("A", "1d", T0 + 9 * DAY, T0 + 100 * DAY)
-    await write_all(database, [PageWrite(b, [bar(T0 + 9 * DAY), bar(T0 + 20 * DAY)])])
+    b = Job("A", "1d", T0 + 9 * DAY, T0 + 100 * DAY)
+    await write_all(database, [b.page([bar(T0 + 9 * DAY), bar(T0 + 20 * DAY)])])
     assert db.read_checkpoints(database)[("A", "1d")] == db.Checkpoint(T0, T0 + 20 * DAY)
     # history extended backwards: pages before the span leave it alone until they reach it
-    c = JobState("A", "1d", T0 - 50 * DAY, T0 + 100 * DAY)
-    await write_all(database, [PageWrite(c, [bar(T0 - 50 * DAY)])])
+    c = Job("A", "1d", T0 - 50 * DAY, T0 + 100 * DAY)
+    await write_all(database, [c.page([bar(T0 - 50 * DAY)])])
     assert db.read_checkpoints(database)[("A", "1d")] == db.Checkpoint(T0, T0 + 20 * DAY)
-    await write_all(database, [PageWrite(c, [bar(T0 - 40 * DAY), bar(T0 + 30 * DAY)])])
+    await write_all(database, [c.page([bar(T0 - 40 * DAY), bar(T0 + 30 * DAY)])])
     assert db.read_checkpoints(database)[("A", "1d")] == db.Checkpoint(T0 - 50 * DAY,
                                                                       T0 + 30 * DAY)
 
 
 async def test_rejected_page_fails_job_and_drops_later_pages(database: str) -> None:
-    job = JobState("A", "1d", T0, T0 + 10 * DAY)
+    job = Job("A", "1d", T0, T0 + 10 * DAY)
     ok = [bar(T0)]
     # trades beyond int8 range: PostgreSQL rejects the COPY
     bad = [Bar(t=T0 + DAY, o=1, h=1, l=1, c=1, v=1, n=2**70)]
     later = [bar(T0 + 2 * DAY)]
-    writer = await write_all(database, [PageWrite(job, ok), PageWrite(job, bad),
-                                        PageWrite(job, later), JobDone(job)])
-    assert job.done.is_set() and not job.ok
-    assert job.write_error is not None and "rejected" in job.write_error
+    writer = await write_all(database, [job.page(ok), job.page(bad),
+                                        job.page(later), job.done()])
+    assert job.receipt.finished.is_set() and job.receipt.outcome is JobOutcome.FAILED
+    assert job.receipt.write_error is not None and "rejected" in job.receipt.write_error
     assert [db.to_ms(r[2]) for r in rows(database)] == [T0]
     assert db.read_checkpoints(database)[("A", "1d")] == db.Checkpoint(T0, T0)
     assert writer.statistics().write_errors == 1
 
 
 async def test_writer_survives_losing_its_connection(database: str) -> None:
-    job = JobState("A", "1d", T0, T0 + 10 * DAY)
+    job = Job("A", "1d", T0, T0 + 10 * DAY)
     send, receive = open_writer_channel(4)
     writer = Writer(database, receive)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
-        await send.send(PageWrite(job, [bar(T0)]))
-        await send.send(JobDone(job))
-        await job.done.wait()
+        await send.send(job.page([bar(T0)]))
+        await send.send(job.done())
+        await job.receipt.finished.wait()
         with psycopg.connect(database, autocommit=True) as conn:
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-        job.done = trio.Event()
-        await send.send(PageWrite(job, [bar(T0 + DAY)]))
-        await send.send(JobDone(job))
+        again = Job("A", "1d", T0, T0 + 10 * DAY)
+        await send.send(again.page([bar(T0 + DAY)]))
+        await send.send(again.done())
         await send.aclose()
-    assert job.ok and job.bars_written == 2
+    assert again.receipt.outcome is JobOutcome.OK and again.receipt.bars_written == 1
     assert len(rows(database)) == 2
     assert writer.statistics().reconnects == 1
 
 
 @pytest.mark.parametrize("n", [50_000])
 async def test_large_page(database: str, n: int) -> None:
-    job = JobState("SPY", "5m", T0, T0 + n * 300_000)
+    job = Job("SPY", "5m", T0, T0 + n * 300_000)
     bars = [bar(T0 + i * 300_000) for i in range(n)]
-    await write_all(database, [PageWrite(job, bars), JobDone(job)])
+    await write_all(database, [job.page(bars), job.done()])
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT count(*) FROM bars").fetchone() == (n,)

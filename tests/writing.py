@@ -1,13 +1,37 @@
-"""Shared by the tests that drive the real writer: send messages, let it drain, return it."""
+"""Shared by the tests that drive the real writer: jobs as a producer sends them, and a writer
+run until it has drained every message."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
+
 import trio
 
-from daemon.writer import Writer, open_writer_channel
+from daemon.bars import Bar
+from daemon.jobs import FetchResult, JobOutcome, Receipt, SeriesKey
+from daemon.writer import JobFinished, Message, PageWrite, Writer, open_writer_channel
 
 
-async def write_all(url: str, messages: list[object]) -> Writer:
+class Job:
+    """A test's job: its series, the range it asked for, how fetching went, and the receipt."""
+
+    def __init__(self, symbol: str, timeframe: str, from_ms: int, to_ms: int, *,
+                 execution_id: uuid.UUID | None = None, pages: int = 0, attempts: int = 0,
+                 api_seconds: float = 0.0, error: str | None = None,
+                 cancelled: bool = False) -> None:
+        self.series = SeriesKey(symbol, timeframe)
+        self.fetch = FetchResult(from_ms, to_ms, pages, attempts, api_seconds, error, cancelled)
+        self.receipt = Receipt(execution_id=execution_id)
+
+    def page(self, bars: Sequence[Bar]) -> PageWrite:
+        return PageWrite(self.series, bars, self.fetch.from_ms, self.receipt)
+
+    def done(self) -> JobFinished:
+        return JobFinished(self.series, self.fetch, self.receipt)
+
+
+async def write_all(url: str, messages: Sequence[Message]) -> Writer:
     """Run a Writer on `url` until it has committed (or rejected) every message."""
     send, receive = open_writer_channel(4)
     writer = Writer(url, receive)
@@ -15,5 +39,20 @@ async def write_all(url: str, messages: list[object]) -> Writer:
         await nursery.start(writer.run)
         async with send:
             for m in messages:
-                await send.send(m)  # type: ignore[arg-type]
+                await send.send(m)
     return writer
+
+
+async def acknowledge(receive: trio.MemoryReceiveChannel[Message]) -> None:
+    """Stand in for the writer where only the producer is under test (MockClock tests): count
+    each page, finish each job with the one outcome rule, write nothing."""
+    async with receive:
+        async for message in receive:
+            if isinstance(message, PageWrite):
+                message.receipt.bars_written += len(message.bars)
+                message.receipt.pages_written += 1
+            elif isinstance(message, JobFinished):
+                message.receipt.outcome = JobOutcome.decide(
+                    fetch_error=message.fetch.error, write_error=message.receipt.write_error,
+                    cancelled=message.fetch.cancelled)
+                message.receipt.finished.set()

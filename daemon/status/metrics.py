@@ -1,10 +1,10 @@
 """Prometheus metrics for `GET /metrics`, in a registry of the daemon's own (not the global one).
 
-Counters and gauges are read from the parts' `statistics()` at scrape time by a custom
-collector, so there is no second set of numbers to keep in step: what /metrics says is what
-/status says. Two things need recording as they happen: the write latency histogram (the
-writer's `on_commit`) and cycle outcomes (the scheduler's `on_cycle_done`). Freshness per
-timeframe comes from the staleness snapshot the status server hands over before each scrape.
+Every value is read from one Snapshot (daemon.snapshot) at scrape time, so there is no second
+set of numbers to keep in step: what /metrics says is what /status says. The parts count what
+happens as it happens (the writer its latency histogram, the scheduler its finished cycles);
+this module only renders. Freshness per timeframe and readiness come from the status app's
+cached database answers, passed in with the snapshot.
 
     backfilld_api_requests_total            HTTP attempts sent to the API
     backfilld_api_rate_limited_total        429 responses
@@ -19,7 +19,7 @@ timeframe comes from the staleness snapshot the status server hands over before 
     backfilld_writer_reconnects_total       writer reconnections
     backfilld_writer_queue_depth / _capacity pages waiting for the writer
     backfilld_write_seconds                 histogram: one page's transaction
-    backfilld_cycles_total{status}          finished cycles by outcome (ok / failed)
+    backfilld_cycles_total{status}          finished cycles by outcome (ok/failed/interrupted)
     backfilld_cycle_running                 1 while a cycle runs
     backfilld_cycle_jobs{state}             the running (else last) cycle's jobs: done/failed/total
     backfilld_last_cycle_end_timestamp_seconds
@@ -34,72 +34,49 @@ timeframe comes from the staleness snapshot the status server hands over before 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from .staleness import CLASSES
+from ..cycles import ExecutionStatus
+from ..snapshot import Snapshot
+from ..staleness import CLASSES
+from ..writer import WRITE_BUCKETS
+from .reports import SeriesCounts
 
-if TYPE_CHECKING:
-    from .app import Daemon
-    from .scheduler import CycleProgress
-
-__all__ = ["CONTENT_TYPE", "Metrics", "SeriesSnapshot"]
+__all__ = ["CONTENT_TYPE", "render"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-# One page's transaction: ~5 ms for a small top-up page, ~300 ms for 50,000 bars (DESIGN.md).
-WRITE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-# (timeframe, class) -> series count, and timeframe -> worst age in seconds.
-SeriesSnapshot = tuple[dict[tuple[str, str], int], dict[str, float]]
 
 
-class Metrics:
-    """The daemon's registry. Create once per Daemon; `render()` for each scrape."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.write_seconds = Histogram(
-            "backfilld_write_seconds", "Duration of one page's write transaction",
-            buckets=WRITE_BUCKETS, registry=self.registry,
-        )
-        self.cycles: dict[str, int] = {"ok": 0, "failed": 0}
-        self.series: SeriesSnapshot | None = None
-        self.database_ready: bool | None = None
-        self.registry.register(_DaemonCollector(daemon, self))
-        previous = daemon.writer.on_commit
-
-        def on_commit(bars: int, seconds: float) -> None:
-            self.write_seconds.observe(seconds)
-            if previous is not None:
-                previous(bars, seconds)
-
-        daemon.writer.on_commit = on_commit
-        daemon.scheduler.on_cycle_done.append(self._cycle_done)
-
-    def _cycle_done(self, cycle: CycleProgress) -> None:
-        self.cycles["ok" if cycle.ok else "failed"] += 1
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+def render(snap: Snapshot, *, database_ready: bool | None, series: SeriesCounts | None
+           ) -> bytes:
+    """The Prometheus text exposition of `snap` (plus readiness and per-timeframe freshness)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snap, database_ready, series))
+    return generate_latest(registry)
 
 
-class _DaemonCollector(Collector):
-    def __init__(self, daemon: Daemon, metrics: Metrics) -> None:
-        self._daemon = daemon
-        self._metrics = metrics
+class _SnapshotCollector(Collector):
+    def __init__(self, snap: Snapshot, database_ready: bool | None,
+                 series: SeriesCounts | None) -> None:
+        self._snap = snap
+        self._ready = database_ready
+        self._series = series
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # unchecked collector: names are fixed, values read at collect time
 
     def collect(self) -> Iterator[Metric]:
-        d, m = self._daemon, self._metrics
-        api = d.client.statistics()
-        limiter = d.limiter.statistics()
-        writer = d.writer.statistics()
+        snap = self._snap
+        api, limiter, writer, sched = snap.api, snap.limiter, snap.writer, snap.scheduler
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, value=value)
@@ -130,15 +107,22 @@ class _DaemonCollector(Collector):
                     writer.queue_depth)
         yield gauge("backfilld_writer_queue_capacity", "Size of the writer's queue",
                     writer.queue_capacity)
+        if writer.write_buckets:
+            buckets = [(f"{bound:g}", count)
+                       for bound, count in zip(WRITE_BUCKETS, writer.write_buckets, strict=True)]
+            buckets.append(("+Inf", writer.pages_written))
+            yield HistogramMetricFamily("backfilld_write_seconds",
+                                        "Duration of one page's write transaction",
+                                        buckets=buckets, sum_value=writer.write_seconds_sum)
 
         cycles = CounterMetricFamily("backfilld_cycles", "Finished cycles by outcome",
                                      labels=["status"])
-        for status, count in m.cycles.items():
-            cycles.add_metric([status], count)
+        for status in ExecutionStatus:
+            cycles.add_metric([status.value], sched.cycles_finished.get(status.value, 0))
         yield cycles
-        running = d.scheduler.cycle
+        running = sched.cycle
         yield gauge("backfilld_cycle_running", "1 while a cycle runs", int(running is not None))
-        shown = running or d.scheduler.last_cycle
+        shown = running or sched.last_cycle
         if shown is not None:
             jobs = GaugeMetricFamily("backfilld_cycle_jobs", "Jobs of the running (else last) "
                                      "cycle", labels=["state"])
@@ -146,7 +130,7 @@ class _DaemonCollector(Collector):
             jobs.add_metric(["done"], shown.jobs_done)
             jobs.add_metric(["failed"], len(shown.failed))
             yield jobs
-        last = d.scheduler.last_cycle
+        last = sched.last_cycle
         if last is not None and last.finished is not None:
             duration = last.finished - last.started
             yield gauge("backfilld_last_cycle_end_timestamp_seconds",
@@ -154,8 +138,8 @@ class _DaemonCollector(Collector):
             yield gauge("backfilld_last_cycle_duration_seconds", "The last cycle's duration",
                         duration)
 
-        if m.series is not None:
-            counts, ages = m.series
+        if self._series is not None:
+            counts, ages = self._series
             series = GaugeMetricFamily("backfilld_series", "Configured series per staleness "
                                        "class", labels=["timeframe", "class"])
             for timeframe in sorted({tf for tf, _ in counts}):
@@ -168,9 +152,10 @@ class _DaemonCollector(Collector):
             for timeframe, seconds in sorted(ages.items()):
                 age.add_metric([timeframe], seconds)
             yield age
-        if m.database_ready is not None:
+        if self._ready is not None:
             yield gauge("backfilld_database_ready", "1 when the last readiness check passed",
-                        int(m.database_ready))
+                        int(self._ready))
         yield gauge("backfilld_config_generation", "Config generation (bumps on reload)",
-                    d.reload.generation)
-        yield gauge("backfilld_start_time_seconds", "Process start, Unix seconds", d.started_at)
+                    snap.reload.generation)
+        yield gauge("backfilld_start_time_seconds", "Process start, Unix seconds",
+                    snap.started_at)
