@@ -29,10 +29,6 @@ class Bar(msgspec.Struct, frozen=True, array_like=False):
     n: int | None = None
     otc: bool = False
 
-    def row(self) -> tuple[int, float, float, float, float, float, float | None, int | None]:
-        """The tuple the writer COPYs: ts_ms, open, high, low, close, volume, vwap, trades."""
-        return (self.t, self.o, self.h, self.l, self.c, self.v, self.vw, self.n)
-
 
 class AggsResponse(msgspec.Struct):
     """The body of /v2/aggs/ticker/...; `results` is omitted when empty (null: retry)."""

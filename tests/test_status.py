@@ -255,11 +255,12 @@ async def test_a_running_cycle_shows_its_progress(nursery: trio.Nursery, databas
     daemon = await start(nursery, database, latency_ms=(100, 200), wait=False)
     async with client(daemon) as http:
         with trio.fail_after(10):
-            while True:
+            while True:  # wait for an observable mid-cycle state
                 st = (await http.get("/status")).json()
-                if st["cycle"] and st["cycle"]["jobs_done"] >= 1:
+                cycle = st["cycle"]
+                if cycle and 1 <= cycle["jobs_done"] < cycle["jobs_total"]:
                     break
-                await trio.sleep(0.05)
+                await trio.sleep(0.02)
         cycle = st["cycle"]
         assert st["state"] == "backfilling" and st["last_cycle"] is None
         assert cycle["number"] == 1 and cycle["finished_at"] is None and cycle["ok"] is None

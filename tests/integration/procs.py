@@ -12,7 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -111,3 +112,26 @@ def duplicates(database_url: str) -> int:
             "SELECT count(*) - count(DISTINCT (symbol, timeframe, ts)) FROM bars"
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+def bar_count(database_url: str) -> int:
+    """Rows in `bars` now (0 when the database cannot be reached or is not migrated yet)."""
+    try:
+        with psycopg.connect(database_url, connect_timeout=2) as conn:
+            row = conn.execute("SELECT count(*) FROM bars").fetchone()
+    except (psycopg.OperationalError, psycopg.errors.UndefinedTable):
+        return 0
+    return int(row[0]) if row else 0
+
+
+def wait_until(condition: Callable[[], bool], what: str, *, timeout: float = 60.0,
+               every: float = 0.02) -> None:
+    """Poll `condition` until it holds; fail naming `what` after a generous `timeout`.
+
+    End-to-end tests wait on what they can observe (rows, a log line, a status field), never a
+    fixed sleep that a slow machine could overrun."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from daemon.market_calendar import et_midnight_ms
 
-from .procs import duplicates, simulator, start_daemon, table, truth, write_config
+from .procs import (
+    bar_count,
+    duplicates,
+    simulator,
+    start_daemon,
+    table,
+    truth,
+    wait_until,
+    write_config,
+)
 
 SEED = 11
 FROM_MS = et_midnight_ms(dt.date(2024, 1, 2))
@@ -65,10 +74,14 @@ def test_database_restart_mid_backfill_loses_nothing(tmp_path: Path) -> None:
                 + 'start = "2024-01-02"\nend = "2024-02-29"\nstagger_seconds = 0.01\n',
             )
             log = tmp_path / "daemon.log"
+            total = sum(len(v) for v in truth(SEED, SYMBOLS, TIMEFRAMES, FROM_MS,
+                                                TO_MS).values())
             daemon = start_daemon(config, url, "--once", log=log)
-            time.sleep(2.5)  # mid-backfill (the whole run takes ~9 s)
+            # mid-backfill: some pages committed, not all (the whole run takes ~9 s)
+            wait_until(lambda: 0 < bar_count(url) < total, "a partial backfill")
             stop_postgres(state)
-            time.sleep(3.0)  # the database is gone for a while
+            # the database is gone until the daemon has noticed and started waiting it out
+            wait_until(lambda: "retrying in" in log.read_text(), "a retry warning")
             assert daemon.poll() is None, "the daemon must wait for the database, not exit"
             start_postgres(state)
             code = daemon.wait(timeout=120)
