@@ -30,6 +30,7 @@ from .reload import Reloader
 from .retrying import when_available
 from .scheduler import Scheduler
 from .snapshot import Snapshot, SnapshotSource
+from .spans import Spans
 from .status import StatusOptions
 from .systemd import Notifier
 from .timefmt import wall_clock
@@ -139,10 +140,10 @@ def build(
     send, receive = open_writer_channel(config.database.queue_pages)
     writer = Writer(db_url, receive)
 
-    async def read_checkpoints(symbol: str) -> dict[tuple[str, str], db.Checkpoint]:
-        return await when_available(db.read_checkpoints, db_url, symbol)
+    async def read_coverage(symbol: str) -> dict[tuple[str, str], Spans]:
+        return await when_available(db.read_coverage, db_url, symbol)
 
-    scheduler = Scheduler(config, client, send, checkpoints=read_checkpoints, today=today)
+    scheduler = Scheduler(config, client, send, coverage=read_coverage, today=today)
 
     def apply(old: Config, new: Config) -> None:
         del old

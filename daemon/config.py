@@ -95,6 +95,8 @@ class BackfillConfig:
     stagger_seconds: float = 0.5
     refresh_minutes: float = 60.0
     overlap_bars: int = 3
+    # Sub-ranges of one series fetched at once (0: as many as the request budget can use).
+    parallel_ranges: int = 0
 
     def first_day(self, today: dt.date) -> dt.date:
         """The first day of history to hold: `start`, else today minus `history_days`."""
@@ -257,6 +259,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "stagger_seconds": _number(0, 3600),
         "refresh_minutes": _number(0.01, 100_000),
         "overlap_bars": _integer(0, 100_000),
+        "parallel_ranges": _integer(0, 1000),
     },
     "retry": {
         "attempts": _integer(1, 100),

@@ -1,4 +1,4 @@
-"""PostgreSQL access outside the writer: connecting, migrations, reading checkpoints.
+"""PostgreSQL access outside the writer: connecting, migrations, reading coverage.
 
 Everything here is synchronous psycopg 3, called from trio through `trio.to_thread.run_sync`:
 psycopg's AsyncConnection needs an asyncio loop, and a sync connection in a thread measured
@@ -26,18 +26,20 @@ from pathlib import Path
 
 import attrs
 import psycopg
+from psycopg.types.multirange import Multirange
 
 from .errors import DatabaseError, DatabaseUnavailable
+from .spans import EMPTY, Spans, spans
 
 __all__ = [
-    "Checkpoint",
     "Migration",
     "apply_migrations",
     "connect",
     "from_ms",
     "load_migrations",
     "pending_migrations",
-    "read_checkpoints",
+    "read_coverage",
+    "spans_of",
     "to_ms",
 ]
 
@@ -177,25 +179,30 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
     return done
 
 
-@attrs.frozen
-class Checkpoint:
-    """The committed, contiguous span of one series, in Unix ms."""
-
-    covered_from_ms: int
-    covered_through_ms: int
-
-
-def read_checkpoints(url: str, symbol: str | None = None) -> dict[tuple[str, str], Checkpoint]:
-    """Checkpoints (of one symbol, or all) keyed by (symbol, timeframe label)."""
+def read_coverage(url: str, symbol: str | None = None) -> dict[tuple[str, str], Spans]:
+    """Coverage (of one symbol, or all) keyed by (symbol, timeframe label)."""
     with connection(url, autocommit=True) as conn:
         try:
             rows = conn.execute(
-                "SELECT symbol, timeframe, covered_from, covered_through FROM checkpoints"
+                "SELECT symbol, timeframe, covered FROM coverage"
                 " WHERE %(symbol)s::text IS NULL OR symbol = %(symbol)s",
                 {"symbol": symbol},
             ).fetchall()
         except psycopg.OperationalError as exc:  # the server went away mid-query
-            raise DatabaseUnavailable(f"cannot read checkpoints: {exc}") from None
+            raise DatabaseUnavailable(f"cannot read coverage: {exc}") from None
         except psycopg.Error as exc:
-            raise DatabaseError(f"cannot read checkpoints: {exc}") from None
-    return {(s, tf): Checkpoint(to_ms(a), to_ms(b)) for s, tf, a, b in rows}
+            raise DatabaseError(f"cannot read coverage: {exc}") from None
+    return {(s, tf): spans_of(covered) for s, tf, covered in rows}
+
+
+def spans_of(multirange: Multirange[int] | None) -> Spans:
+    """An `int8multirange` as read by psycopg, as Spans (half-open, normalised)."""
+    if not multirange:
+        return EMPTY
+    out = []
+    for r in multirange:
+        assert r.lower is not None and r.upper is not None, "coverage is always bounded"
+        lo = r.lower if r.lower_inc else r.lower + 1
+        hi = r.upper + 1 if r.upper_inc else r.upper
+        out.append((lo, hi))
+    return spans(out)

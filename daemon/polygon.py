@@ -100,6 +100,7 @@ class ClientStatistics:
             (a body the connection cut off raised before it could be counted).
         pages: Pages yielded.
         bars: Bars yielded.
+        request_seconds: Time spent in HTTP attempts (sent to body read), for mean latency.
     """
 
     total_requests: int
@@ -109,6 +110,12 @@ class ClientStatistics:
     bytes_received: int
     pages: int
     bars: int
+    request_seconds: float = 0.0
+
+    @property
+    def mean_latency(self) -> float | None:
+        """Mean seconds per HTTP attempt so far, None before the first."""
+        return self.request_seconds / self.total_requests if self.total_requests else None
 
 
 class _BearerAuth(httpx.Auth):
@@ -168,6 +175,7 @@ class PolygonClient:
         self._bytes = 0
         self._pages = 0
         self._bars = 0
+        self._request_seconds = 0.0
 
     def _new_http(self, pool_size: int) -> httpx.AsyncClient:
         # A pool as large as the in-flight cap: a request that has its token never queues for a
@@ -218,6 +226,7 @@ class PolygonClient:
             bytes_received=self._bytes,
             pages=self._pages,
             bars=self._bars,
+            request_seconds=self._request_seconds,
         )
 
     # --- pages --------------------------------------------------------------------------------
@@ -363,7 +372,11 @@ class PolygonClient:
         config, http, auth = self._config, self._http, self._auth
         async with self._limiter.request() as grant:
             self._total_requests += 1
-            response, body = await self._exchange(http, auth, url, config.timeout_seconds)
+            sent = trio.current_time()
+            try:
+                response, body = await self._exchange(http, auth, url, config.timeout_seconds)
+            finally:
+                self._request_seconds += trio.current_time() - sent
             raw_bytes = response.num_bytes_downloaded or len(body)
             self._bytes += raw_bytes
             status = response.status_code

@@ -32,16 +32,17 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from functools import partial
 from typing import Protocol
 
 import attrs
 import trio
 from loguru import logger
 
-from . import db
 from .config import Config
 from .cycles import (
     CycleSnapshot,
@@ -53,14 +54,15 @@ from .cycles import (
 )
 from .errors import ApiAuthError, ApiError, BadData, DatabaseError
 from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
-from .market_calendar import et_midnight_ms
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow
+from .planning import FetchRange, plan_series, split_range
 from .polygon import ClientStatistics, Page
+from .spans import EMPTY, Spans
 from .timefmt import wall_clock
 from .timeframes import Timeframe
 from .writer import JobFinished, Message, PageWrite
 
-__all__ = ["Job", "PageSource", "Scheduler", "plan_job"]
+__all__ = ["Job", "PageSource", "Scheduler"]
 
 # How long an interrupted cycle waits for room in the writer's channel to record its end.
 FINISH_SEND_SECONDS = 1.0
@@ -77,36 +79,19 @@ class PageSource(Protocol):
 
 @attrs.frozen
 class Job:
+    """One series to bring up to date in this cycle: the ranges its plan asks for."""
+
     symbol: str
     timeframe: Timeframe
-    from_ms: int
-    to_ms: int
+    ranges: tuple[FetchRange, ...]
 
+    @property
+    def from_ms(self) -> int:
+        return min(r.from_ms for r in self.ranges)
 
-def plan_job(
-    config: Config,
-    symbol: str,
-    timeframe: Timeframe,
-    checkpoint: db.Checkpoint | None,
-    today: dt.date,
-) -> Job | None:
-    """The job that brings one series up to date, or None when there is nothing to ask for.
-
-    No checkpoint, or one that starts after the configured start (history was extended
-    backwards): fetch everything from the start. Otherwise resume after the covered span, less
-    `overlap_bars` bars to pick up the vendor's late revisions.
-    """
-    bf = config.backfill
-    start_ms = et_midnight_ms(bf.first_day(today))
-    end_ms = et_midnight_ms(bf.last_day(today) + dt.timedelta(days=1)) - 1
-    if checkpoint is None or checkpoint.covered_from_ms > start_ms:
-        from_ms = start_ms
-    else:
-        overlap = bf.overlap_bars * timeframe.approx_ms
-        from_ms = max(start_ms, checkpoint.covered_through_ms + 1 - overlap)
-    if from_ms > end_ms:
-        return None
-    return Job(symbol, timeframe, from_ms, end_ms)
+    @property
+    def to_ms(self) -> int:
+        return max(r.to_ms for r in self.ranges)
 
 
 @attrs.define(eq=False)
@@ -188,13 +173,14 @@ class Scheduler:
         client: PageSource,
         send: trio.MemorySendChannel[Message],
         *,
-        checkpoints: Callable[[str], Awaitable[dict[tuple[str, str], db.Checkpoint]]],
+        coverage: Callable[[str], Awaitable[dict[tuple[str, str], Spans]]],
         today: Callable[[], dt.date] | None = None,
     ) -> None:
         self._config = config
         self._client = client
         self._send = send
-        self._checkpoints = checkpoints
+        self._coverage = coverage
+        self._walkers = 0  # sub-ranges being walked right now, across all jobs
         self._today = today or _utc_today
         self._symbol_limiter = trio.CapacityLimiter(config.backfill.max_concurrent_symbols)
         self._pending: collections.deque[str] = collections.deque()
@@ -437,9 +423,9 @@ class Scheduler:
             self._changed.set()
 
     async def _plan_symbol(self, cycle: _Cycle, symbol: str) -> list[Job]:
-        """Plan the symbol's jobs from its current checkpoints (read just before it starts)."""
+        """Plan the symbol's jobs from its current coverage (read just before it starts)."""
         try:
-            checkpoints = await self._checkpoints(symbol)
+            coverage = await self._coverage(symbol)
         except DatabaseError as exc:
             cycle.jobs.append(_JobRun(SeriesKey(symbol, "*"), 0, 0,
                                       Receipt(execution_id=cycle.execution_id), error=str(exc),
@@ -453,9 +439,10 @@ class Scheduler:
         for tf in self._config.backfill.timeframes:
             if SeriesKey(symbol, tf.label) in skip:
                 continue
-            job = plan_job(self._config, symbol, tf, checkpoints.get((symbol, tf.label)), today)
-            if job is not None:
-                jobs.append(job)
+            ranges = plan_series(self._config, symbol, tf,
+                                 coverage.get((symbol, tf.label), EMPTY), today)
+            if ranges:
+                jobs.append(Job(symbol, tf, tuple(ranges)))
         return jobs
 
     def _wanted(self, job: Job) -> bool:
@@ -468,34 +455,13 @@ class Scheduler:
         cycle.jobs.append(run)
         log = logger.bind(symbol=job.symbol, timeframe=job.timeframe.label)
         async with self._send.clone() as send:
-            try:
-                if cycle.auth_error is not None:
-                    raise ApiAuthError(cycle.auth_error)
-                pages = self._client.pages(job.symbol, job.timeframe, job.from_ms, job.to_ms)
-                async with aclosing(pages):  # type: ignore[type-var]
-                    async for page in pages:
-                        run.pages += 1
-                        run.attempts += page.attempts
-                        run.api_seconds += page.api_seconds
-                        if page.bars:
-                            await send.send(PageWrite(run.series, page.bars, job.from_ms,
-                                                      run.receipt))
-                        if page.last or run.receipt.write_error is not None:
-                            break
-                        if self._stopping or not self._wanted(job):
-                            run.cancelled = True
-                            log.info("job stopped after its current page")
-                            break
-            except trio.ClosedResourceError:
-                # The rate limiter was closed (a stop) before this job's next request: no
-                # request is started after a stop, and the job ends as cancelled, not failed.
-                run.cancelled = True
-                log.info("job stopped before its next request")
-            except ApiAuthError as exc:
-                run.error = str(exc)
-                cycle.auth_error = str(exc)
-            except (ApiError, BadData) as exc:
-                run.error = f"{type(exc).__name__}: {exc}"
+            if cycle.auth_error is not None:
+                run.error = cycle.auth_error
+            else:
+                async with trio.open_nursery() as walkers:
+                    for fetch in job.ranges:
+                        walkers.start_soon(self._walk_range, cycle, job, run, fetch, send,
+                                           walkers)
             await send.send(JobFinished(run.series, run.fetch_result(), run.receipt))
         await run.receipt.finished.wait()
         if run.outcome is JobOutcome.OK:
@@ -503,6 +469,83 @@ class Scheduler:
                      run.receipt.pages_written)
         elif run.outcome is JobOutcome.FAILED:
             log.error("job failed: {}", run.receipt.write_error or run.error)
+
+    async def _walk_range(self, cycle: _Cycle, job: Job, run: _JobRun, fetch: FetchRange,
+                          send: trio.MemorySendChannel[Message], walkers: trio.Nursery, *,
+                          may_split: bool = True) -> None:
+        """Follow one range's `next_url`s, sending each page with the span it proves.
+
+        After the first page of a deep range, the rest may be split into sub-ranges walked
+        concurrently (each by its own `_walk_range`) when the request budget has room.
+        """
+        log = logger.bind(symbol=job.symbol, timeframe=job.timeframe.label)
+        self._walkers += 1
+        try:
+            page_from = fetch.from_ms
+            pages = self._client.pages(job.symbol, job.timeframe, fetch.from_ms, fetch.to_ms)
+            async with aclosing(pages):  # type: ignore[type-var]
+                first = True
+                async for page in pages:
+                    run.pages += 1
+                    run.attempts += page.attempts
+                    run.api_seconds += page.api_seconds
+                    if page.last and fetch.closed:
+                        hi = fetch.to_ms + 1  # the answer for a closed range is final
+                    else:
+                        hi = page.bars[-1].t + 1 if page.bars else page_from
+                    if page.bars or hi > page_from:
+                        await send.send(PageWrite(run.series, page.bars, (page_from, hi),
+                                                  run.receipt))
+                    page_from = max(page_from, hi)
+                    if page.last or run.receipt.write_error is not None:
+                        break
+                    if self._stopping or not self._wanted(job) or run.error is not None:
+                        run.cancelled = run.cancelled or run.error is None
+                        log.info("job stopped after its current page")
+                        break
+                    if first and may_split and page.bars:
+                        rest = FetchRange(page_from, fetch.to_ms, fetch.closed)
+                        parts = split_range(rest, page_from - fetch.from_ms,
+                                            self._parallel_ranges())
+                        if len(parts) > 1:
+                            log.debug("splitting the rest into {} sub-ranges", len(parts))
+                            for part in parts:
+                                walkers.start_soon(partial(
+                                    self._walk_range, cycle, job, run, part, send, walkers,
+                                    may_split=False))
+                            break
+                    first = False
+        except trio.ClosedResourceError:
+            # The rate limiter was closed (a stop) before this range's next request: no
+            # request is started after a stop, and the job ends as cancelled, not failed.
+            run.cancelled = True
+            log.info("job stopped before its next request")
+        except ApiAuthError as exc:
+            run.error = run.error or str(exc)
+            cycle.auth_error = str(exc)
+        except (ApiError, BadData) as exc:
+            run.error = run.error or f"{type(exc).__name__}: {exc}"
+        finally:
+            self._walkers -= 1
+
+    def _parallel_ranges(self) -> int:
+        """How many sub-ranges a deep range may be split into right now.
+
+        `[backfill] parallel_ranges`, or (0, auto): on an unlimited plan, the in-flight cap; on
+        a rate-limited one, only as many as it takes for the walkers running to keep
+        rate x latency requests in flight (splitting costs a partial page per sub-range).
+        """
+        config = self._config
+        if config.backfill.parallel_ranges:
+            return config.backfill.parallel_ranges
+        cap = config.polygon.max_in_flight
+        rpm = config.polygon.requests_per_minute
+        if rpm <= 0:
+            return cap
+        latency = self._client.statistics().mean_latency or 1.0
+        needed = math.ceil(rpm / 60 * latency * 1.25)
+        spare = needed - self._walkers
+        return max(1, min(cap, spare + 1))
 
 
 def _utc_today() -> dt.date:

@@ -10,8 +10,9 @@ cancellation lands, so a stop never leaves half a page).
 
 A page is written as binary COPY into a temp stage, then `INSERT ... ON CONFLICT DO UPDATE` into
 `bars` (idempotent on (symbol, timeframe, ts); revised bars overwrite, unchanged ones are not
-rewritten), then the series' checkpoint, all in one transaction: a crash at any instant resumes
-from the last committed page.
+rewritten), then the page's span joins the series' coverage (an `int8multirange`), all in one
+transaction: a crash at any instant leaves coverage matching the bars, and the next plan
+(`requested - covered`) fetches exactly what is missing.
 
 The writer reports back through each job's `Receipt` (daemon.jobs), which it alone changes, on
 the trio thread after a commit; it owns its own counters (`statistics()`).
@@ -23,7 +24,7 @@ Error handling:
   it takes; producers wait on the full channel meanwhile.
 - A statement rejected for its data (DataError, IntegrityError, a value the COPY encoder
   refuses): permanent. The job fails loudly (`Receipt.write_error`), its later pages are dropped
-  unwritten so its checkpoint never passes the hole, and the writer goes on.
+  unwritten, and the writer goes on; the rejected span stays uncovered, so it is asked again.
 
 Monitoring rows (daemon.monitoring) ride in the same transactions: a page's freshness with its
 bars, a job's result row with its JobFinished.
@@ -46,6 +47,7 @@ from .errors import DatabaseUnavailable, redact
 from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow
 from .retrying import DB_MAX_SECONDS, DB_MIN_SECONDS, Backoff, retrying
+from .spans import Span
 from .timefmt import wall_clock
 
 __all__ = [
@@ -86,17 +88,12 @@ WHERE (b.open, b.high, b.low, b.close, b.volume, b.vwap, b.trades)
       (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close,
        EXCLUDED.volume, EXCLUDED.vwap, EXCLUDED.trades)
 """
-# Extend the span only when the page touches it; a page before a gap leaves it as it is (the
-# next plan then fetches from the start again, which is the only way to close the gap).
-_CHECKPOINT = """
-INSERT INTO checkpoints AS c (symbol, timeframe, covered_from, covered_through, updated_at)
-VALUES (%(symbol)s, %(timeframe)s, %(covered_from)s, %(covered_through)s, now())
+# The page's span joins the series' coverage (a set: order and overlaps do not matter).
+_COVER = """
+INSERT INTO coverage AS c (symbol, timeframe, covered, updated_at)
+VALUES (%(symbol)s, %(timeframe)s, int8multirange(int8range(%(lo)s, %(hi)s)), now())
 ON CONFLICT (symbol, timeframe) DO UPDATE SET
-    covered_from = LEAST(c.covered_from, EXCLUDED.covered_from),
-    covered_through = GREATEST(c.covered_through, EXCLUDED.covered_through),
-    updated_at = now()
-WHERE EXCLUDED.covered_from <= c.covered_through + interval '1 millisecond'
-  AND EXCLUDED.covered_through >= c.covered_from - interval '1 millisecond'
+    covered = c.covered + EXCLUDED.covered, updated_at = now()
 """
 
 
@@ -106,15 +103,16 @@ class PageWrite:
 
     Attributes:
         series: Whose bars.
-        bars: The page's bars, ascending `t`, validated; at least one.
-        covered_from_ms: Every bar of the series with `covered_from_ms <= t <= bars[-1].t` is
-            in this page or committed before it (the job's `from`, for a walk in order).
+        bars: The page's bars, ascending `t`, validated; may be empty (a span with no trades
+            is still a span whose bars are all known).
+        span: `[lo, hi)` in Unix ms: every bar of the series starting in it is in this page
+            (or in no answer at all). It joins the series' coverage in the page's transaction.
         receipt: The job's receipt, where the writer reports the commit.
     """
 
     series: SeriesKey
     bars: Sequence[Bar] = attrs.field(repr=lambda bars: f"<{len(bars)} bars>")
-    covered_from_ms: int
+    span: Span
     receipt: Receipt
 
 
@@ -312,20 +310,22 @@ class Writer:
 
     def _apply_page(self, cur: psycopg.Cursor, page: PageWrite) -> None:
         bars = page.bars
-        first, last = bars[0].t, bars[-1].t
-        for year in _years(first, last):
-            if year not in self._partitions:
-                cur.execute("SELECT bars_ensure_partition(%s)", (year,))
-        with cur.copy(_STAGE_COPY) as copy:
-            copy.set_types(_STAGE_TYPES)
-            write_row = copy.write_row
-            for bar in bars:
-                write_row((bar.t, bar.o, bar.h, bar.l, bar.c, bar.v, bar.vw, bar.n))
         key = {"symbol": page.series.symbol, "timeframe": page.series.timeframe}
-        cur.execute(_UPSERT, key)
-        cur.execute(_CHECKPOINT, {**key, "covered_from": db.from_ms(page.covered_from_ms),
-                                  "covered_through": db.from_ms(max(last, first))})
-        monitoring.record_page(cur, page.series, max(first, last))
+        if bars:
+            first, last = bars[0].t, bars[-1].t
+            for year in _years(first, last):
+                if year not in self._partitions:
+                    cur.execute("SELECT bars_ensure_partition(%s)", (year,))
+            with cur.copy(_STAGE_COPY) as copy:
+                copy.set_types(_STAGE_TYPES)
+                write_row = copy.write_row
+                for bar in bars:
+                    write_row((bar.t, bar.o, bar.h, bar.l, bar.c, bar.v, bar.vw, bar.n))
+            cur.execute(_UPSERT, key)
+            monitoring.record_page(cur, page.series, max(first, last))
+        lo, hi = page.span
+        if lo < hi:
+            cur.execute(_COVER, {**key, "lo": lo, "hi": hi})
 
     @staticmethod
     def _job_row(message: JobFinished, outcome: JobOutcome) -> JobRow:
@@ -340,7 +340,8 @@ class Writer:
     def _committed(self, message: Message, seconds: float, outcome: JobOutcome | None) -> None:
         if isinstance(message, PageWrite):
             bars = message.bars
-            self._partitions.update(_years(bars[0].t, bars[-1].t))
+            if bars:
+                self._partitions.update(_years(bars[0].t, bars[-1].t))
             receipt = message.receipt
             receipt.bars_written += len(bars)
             receipt.pages_written += 1

@@ -191,12 +191,12 @@ async def test_every_line_about_a_job_names_symbol_and_timeframe(
     limiter = RateLimiter(0, max_in_flight=4)
     send, receive = open_writer_channel(4)
 
-    async def no_checkpoints(symbol: str) -> dict:
+    async def no_coverage(symbol: str) -> dict:
         return {}
 
     async with PolygonClient(cfg.polygon, cfg.retry, limiter=limiter,
                              transport=httpx.MockTransport(handler)) as client:
-        sched = Scheduler(cfg, client, send, checkpoints=no_checkpoints,
+        sched = Scheduler(cfg, client, send, coverage=no_coverage,
                           today=lambda: dt.date(2024, 1, 10))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(acknowledge, receive)

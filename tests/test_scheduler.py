@@ -14,15 +14,17 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from daemon import db
 from daemon.bars import Bar
 from daemon.config import parse_config
 from daemon.errors import ApiAuthError, BadData
+from daemon.jobs import JobOutcome
 from daemon.market_calendar import et_midnight_ms
+from daemon.planning import FetchRange, expected_aggregates, plan_series, split_range
 from daemon.polygon import ClientStatistics, Page
-from daemon.scheduler import Scheduler, plan_job
+from daemon.scheduler import Scheduler
+from daemon.spans import EMPTY, Spans, spans
 from daemon.timeframes import Timeframe, parse_timeframe
-from daemon.writer import open_writer_channel
+from daemon.writer import JobFinished, PageWrite, open_writer_channel
 
 from .writing import acknowledge
 
@@ -32,6 +34,8 @@ M5 = parse_timeframe("5m")
 
 
 def config(extra: str = "", **backfill: object) -> object:
+    # One range per job unless a test is about splitting: the timing tests count calls.
+    backfill.setdefault("parallel_ranges", 1)
     lines = [f"{k} = {v!r}".replace("'", '"') for k, v in backfill.items()]
     return parse_config("[backfill]\n" + "\n".join(lines) + "\n" + extra, env={})
 
@@ -61,13 +65,13 @@ class ScriptedClient:
                        last=i == self.pages_per_job - 1)
 
 
-async def no_checkpoints(symbol: str) -> dict[tuple[str, str], db.Checkpoint]:
+async def no_coverage(symbol: str) -> dict[tuple[str, str], Spans]:
     return {}
 
 
 def make(cfg: object, client: ScriptedClient) -> tuple[Scheduler, trio.MemoryReceiveChannel]:
     send, receive = open_writer_channel(4)
-    sched = Scheduler(cfg, client, send, checkpoints=no_checkpoints,  # type: ignore[arg-type]
+    sched = Scheduler(cfg, client, send, coverage=no_coverage,  # type: ignore[arg-type]
                       today=lambda: TODAY)
     return sched, receive
 
@@ -79,47 +83,86 @@ def first_calls(client: ScriptedClient) -> dict[str, float]:
     return starts
 
 
-# --- planning ---------------------------------------------------------------------------------
+# --- planning: requested - covered -------------------------------------------------------
+
+START, END = et_midnight_ms(dt.date(2024, 1, 2)), et_midnight_ms(dt.date(2024, 3, 2))
+DAY = 86_400_000
 
 
-def test_plan_without_checkpoint_covers_whole_history() -> None:
+def test_plan_without_coverage_asks_for_the_whole_history_as_the_open_tail() -> None:
     cfg = config(symbols=["A"], start="2024-01-02", end="2024-03-01")
-    job = plan_job(cfg, "A", D1, None, TODAY)  # type: ignore[arg-type]
-    assert job is not None
-    assert job.from_ms == et_midnight_ms(dt.date(2024, 1, 2))
-    assert job.to_ms == et_midnight_ms(dt.date(2024, 3, 2)) - 1
+    assert plan_series(cfg, "A", D1, EMPTY, TODAY) == [  # type: ignore[arg-type]
+        FetchRange(START, END - 1, closed=False)]
 
 
-def test_plan_resumes_after_checkpoint_with_overlap() -> None:
+def test_plan_resumes_the_tail_with_the_overlap() -> None:
     cfg = config(symbols=["A"], start="2024-01-02", overlap_bars=3)
-    start = et_midnight_ms(dt.date(2024, 1, 2))
-    through = start + 10 * 86_400_000
-    job = plan_job(cfg, "A", M5, db.Checkpoint(start, through), TODAY)  # type: ignore[arg-type]
-    assert job is not None and job.from_ms == through + 1 - 3 * 300_000
+    top = START + 10 * DAY
+    [tail] = plan_series(cfg, "A", M5, spans([(START, top)]), TODAY)  # type: ignore[arg-type]
+    assert tail.from_ms == top - 3 * 300_000 and not tail.closed
+    assert tail.to_ms == et_midnight_ms(TODAY + dt.timedelta(days=1)) - 1
     cfg0 = config(symbols=["A"], start="2024-01-02", overlap_bars=0)
-    job0 = plan_job(cfg0, "A", M5, db.Checkpoint(start, through), TODAY)  # type: ignore[arg-type]
-    assert job0 is not None and job0.from_ms == through + 1
-    assert job0.to_ms == et_midnight_ms(TODAY + dt.timedelta(days=1)) - 1
+    [tail0] = plan_series(cfg0, "A", M5, spans([(START, top)]), TODAY)  # type: ignore[arg-type]
+    assert tail0.from_ms == top
 
 
-def test_plan_refetches_from_start_when_history_extended_backwards() -> None:
-    cfg = config(symbols=["A"], start="2023-01-03")
-    later = et_midnight_ms(dt.date(2024, 1, 2))
-    job = plan_job(cfg, "A", D1, db.Checkpoint(later, later + 5), TODAY)  # type: ignore[arg-type]
-    assert job is not None and job.from_ms == et_midnight_ms(dt.date(2023, 1, 3))
+def test_plan_fetches_a_history_moved_backwards_and_every_hole() -> None:
+    cfg = config("[polygon]\npage_limit = 5000\n", symbols=["A"], start="2023-01-03",
+                 end="2024-03-01", overlap_bars=0)
+    first = et_midnight_ms(dt.date(2023, 1, 3))
+    covered = spans([(START, START + 20 * DAY), (START + 40 * DAY, END)])
+    plan = plan_series(cfg, "A", M5, covered, TODAY)  # type: ignore[arg-type]
+    # the year before the old start, and the 20-day hole: both closed, nothing else
+    assert plan == [FetchRange(first, START - 1, closed=True),
+                    FetchRange(START + 20 * DAY, START + 40 * DAY - 1, closed=True)]
 
 
-def test_plan_nothing_when_checkpoint_past_end() -> None:
-    cfg = config(symbols=["A"], start="2024-01-02", end="2024-01-31", overlap_bars=0)
-    end = et_midnight_ms(dt.date(2024, 2, 1)) - 1
-    start = et_midnight_ms(dt.date(2024, 1, 2))
-    assert plan_job(cfg, "A", D1, db.Checkpoint(start, end), TODAY) is None  # type: ignore[arg-type]
+def test_plan_merges_holes_closer_than_half_a_page() -> None:
+    cfg = config("[polygon]\npage_limit = 5000\n", symbols=["A"], start="2024-01-02",
+                 end="2024-03-01", overlap_bars=0)
+    # holes 1 day apart (<= 960 session minutes of 5m aggregates < 2500): one range
+    near = spans([(START, START + 10 * DAY), (START + 11 * DAY, START + 12 * DAY),
+                  (START + 13 * DAY, END)])
+    assert plan_series(cfg, "A", M5, near, TODAY) == [  # type: ignore[arg-type]
+        FetchRange(START + 10 * DAY, START + 13 * DAY - 1, closed=True)]
+    # 14 days apart (10 trading days, 9,600 aggregates): two ranges
+    far = spans([(START, START + 10 * DAY), (START + 11 * DAY, START + 25 * DAY),
+                 (START + 26 * DAY, END)])
+    assert len(plan_series(cfg, "A", M5, far, TODAY)) == 2  # type: ignore[arg-type]
+
+
+def test_plan_nothing_when_everything_is_covered() -> None:
+    cfg = config(symbols=["A"], start="2024-01-02", end="2024-03-01", overlap_bars=0)
+    assert plan_series(cfg, "A", D1, spans([(START - DAY, END + DAY)]), TODAY) == []  # type: ignore[arg-type]
 
 
 def test_history_days_counts_back_from_today() -> None:
     cfg = config(symbols=["A"], history_days=10)
-    job = plan_job(cfg, "A", D1, None, TODAY)  # type: ignore[arg-type]
-    assert job is not None and job.from_ms == et_midnight_ms(dt.date(2024, 3, 5))
+    [fetch] = plan_series(cfg, "A", D1, EMPTY, TODAY)  # type: ignore[arg-type]
+    assert fetch.from_ms == et_midnight_ms(dt.date(2024, 3, 5))
+
+
+def test_expected_aggregates_follow_the_calendar() -> None:
+    week = (et_midnight_ms(dt.date(2024, 1, 8)), et_midnight_ms(dt.date(2024, 1, 15)))
+    # Mon-Fri sessions of 960 minutes (04:00-20:00 ET), nothing at the weekend; MLK day is
+    # the 15th, outside the span
+    assert expected_aggregates("AAPL", M5, *week) == 5 * 960
+    assert expected_aggregates("AAPL", D1, *week) == 5
+    assert expected_aggregates("X:BTCUSD", M5, *week) == 7 * 1440
+    assert expected_aggregates("X:BTCUSD", D1, *week) == 7
+
+
+def test_split_range_in_whole_pages() -> None:
+    rest = FetchRange(0, 999_999, closed=False)
+    # 100 pages of 10,000 ms: 16 parts of 6+ pages
+    parts = split_range(rest, 10_000, 16)
+    assert len(parts) == 16 and parts[0].from_ms == 0 and parts[-1].to_ms == 999_999
+    assert all(a.to_ms + 1 == b.from_ms for a, b in zip(parts, parts[1:], strict=False))
+    assert [p.closed for p in parts] == [True] * 15 + [False]
+    # 3 pages: one part of 2 pages at least, so no split
+    assert split_range(FetchRange(0, 29_999, closed=True), 10_000, 16) == [
+        FetchRange(0, 29_999, closed=True)]
+    assert split_range(rest, 10_000, 1) == [rest]
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -296,3 +339,75 @@ async def test_stop_starts_no_symbol_that_waits_for_a_slot(autojump_clock: trio.
     assert [s for _, s, _ in client.calls] == ["A"]
     assert cycle is not None and [j.symbol for j in cycle.jobs] == ["A"]
     assert cycle.jobs[0].cancelled and cycle.jobs[0].bars_written == 1
+
+
+# --- parallel sub-ranges ----------------------------------------------------------------------
+
+
+class SeriesClient:
+    """One bar every 5 minutes from `first`; pages of `page_bars` bars, `seconds` each."""
+
+    def __init__(self, first: int, count: int, page_bars: int, seconds: float) -> None:
+        self.ts = [first + i * 300_000 for i in range(count)]
+        self.page_bars, self.seconds = page_bars, seconds
+        self.requests = 0
+        self.in_flight = self.peak = 0
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(self.requests, 0, 0, 0, 0, 0, 0)
+
+    async def pages(self, symbol: str, timeframe: Timeframe, from_ms: int, to_ms: int
+                    ) -> AsyncIterator[Page]:
+        inside = [t for t in self.ts if from_ms <= t <= to_ms]
+        for i in range(0, max(len(inside), 1), self.page_bars):
+            self.requests += 1
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            await trio.sleep(self.seconds)
+            self.in_flight -= 1
+            chunk = inside[i:i + self.page_bars]
+            yield Page([Bar(t=t, o=1, h=1, l=1, c=1, v=1) for t in chunk], attempts=1,
+                       api_seconds=self.seconds, bytes=0,
+                       last=i + self.page_bars >= len(inside))
+
+
+async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
+        autojump_clock: trio.abc.Clock) -> None:
+    cfg = config("[polygon]\nrequests_per_minute = 0\n", symbols=["SPY"], timeframes=["5m"],
+                 start="2024-01-02", end="2024-03-01",
+                 parallel_ranges=0)  # auto: the in-flight cap (16) on an unlimited plan
+    start = et_midnight_ms(dt.date(2024, 1, 2))
+    client = SeriesClient(start, 36 * 400, page_bars=400, seconds=0.4)  # 36 pages
+    send, receive = open_writer_channel(4)
+    sched = Scheduler(cfg, client, send, coverage=no_coverage,  # type: ignore[arg-type]
+                      today=lambda: TODAY)
+    written: list[int] = []
+    covered: list[tuple[int, int]] = []
+
+    async def collect() -> None:
+        async with receive:
+            async for message in receive:
+                if isinstance(message, PageWrite):
+                    written.extend(b.t for b in message.bars)
+                    covered.append(message.span)
+                    message.receipt.bars_written += len(message.bars)
+                elif isinstance(message, JobFinished):
+                    message.receipt.outcome = JobOutcome.decide(
+                        fetch_error=message.fetch.error, write_error=None,
+                        cancelled=message.fetch.cancelled)
+                    message.receipt.finished.set()
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect)
+        cycle = await sched.run(once=True)
+    wall = trio.current_time() - t0
+    assert cycle is not None and cycle.ok
+    # 36 pages one after another take 14.4 s; the first page, then 16 sub-ranges at once
+    assert wall <= 0.4 * 14.4 and client.peak == 16
+    assert sorted(written) == client.ts  # every bar once: no gap, no duplicate
+    # one contiguous span; closed sub-ranges after the last bar are covered too (their
+    # answer is final), the open tail only through its newest bar
+    [(lo, hi)] = spans(covered)
+    assert lo == start and client.ts[-1] < hi <= et_midnight_ms(dt.date(2024, 3, 2))
+    assert client.requests <= 36 + 16  # at most one partial page per sub-range

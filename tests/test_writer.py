@@ -9,6 +9,7 @@ import trio
 from daemon import db
 from daemon.bars import Bar
 from daemon.jobs import JobOutcome
+from daemon.spans import spans
 from daemon.writer import Writer, open_writer_channel
 
 from .writing import Job, write_all
@@ -39,8 +40,7 @@ async def test_page_and_checkpoint_commit_together(database: str) -> None:
     assert [db.to_ms(r[2]) for r in got] == [b.t for b in bars]
     assert got[0][:2] == ("BRK.A", "1d")
     assert got[0][3:] == (10.0, 12.0, 9.0, 10.0, 15000.0, 10.0, 5)
-    cps = db.read_checkpoints(database)
-    assert cps == {("BRK.A", "1d"): db.Checkpoint(T0, T0 + 2 * DAY)}
+    assert db.read_coverage(database) == {("BRK.A", "1d"): spans([(T0, T0 + 2 * DAY + 1)])}
     assert writer.statistics().bars_written == 3
 
 
@@ -71,20 +71,22 @@ async def test_partitions_created_across_years(database: str) -> None:
     assert len(rows(database)) == 3
 
 
-async def test_checkpoint_extends_only_when_touching(database: str) -> None:
+async def test_coverage_is_a_set_of_spans_in_any_order(database: str) -> None:
     a = Job("A", "1d", T0, T0 + 100 * DAY)
-    await write_all(database, [a.page([bar(T0 + 10 * DAY)])])
-    # a resumed job that overlaps the span extends it
-    b = Job("A", "1d", T0 + 9 * DAY, T0 + 100 * DAY)
-    await write_all(database, [b.page([bar(T0 + 9 * DAY), bar(T0 + 20 * DAY)])])
-    assert db.read_checkpoints(database)[("A", "1d")] == db.Checkpoint(T0, T0 + 20 * DAY)
-    # history extended backwards: pages before the span leave it alone until they reach it
-    c = Job("A", "1d", T0 - 50 * DAY, T0 + 100 * DAY)
-    await write_all(database, [c.page([bar(T0 - 50 * DAY)])])
-    assert db.read_checkpoints(database)[("A", "1d")] == db.Checkpoint(T0, T0 + 20 * DAY)
-    await write_all(database, [c.page([bar(T0 - 40 * DAY), bar(T0 + 30 * DAY)])])
-    assert db.read_checkpoints(database)[("A", "1d")] == db.Checkpoint(T0 - 50 * DAY,
-                                                                      T0 + 30 * DAY)
+    # two sub-ranges of one series, committed out of order, leave a hole between them
+    await write_all(database, [a.page([bar(T0 + 60 * DAY)], (T0 + 50 * DAY, T0 + 70 * DAY)),
+                               a.page([bar(T0 + 10 * DAY)], (T0, T0 + 20 * DAY))])
+    assert db.read_coverage(database)[("A", "1d")] == spans(
+        [(T0, T0 + 20 * DAY), (T0 + 50 * DAY, T0 + 70 * DAY)])
+    # an empty page still proves its span (no trades there); overlaps merge
+    await write_all(database, [a.page([], (T0 + 15 * DAY, T0 + 55 * DAY))])
+    assert db.read_coverage(database)[("A", "1d")] == spans([(T0, T0 + 70 * DAY)])
+    # history extended backwards: a span before the rest is simply one more interval
+    await write_all(database, [a.page([bar(T0 - 50 * DAY)], (T0 - 50 * DAY, T0 - 40 * DAY))])
+    assert db.read_coverage(database)[("A", "1d")] == spans(
+        [(T0 - 50 * DAY, T0 - 40 * DAY), (T0, T0 + 70 * DAY)])
+    assert [db.to_ms(r[2]) for r in rows(database)] == [
+        T0 - 50 * DAY, T0 + 10 * DAY, T0 + 60 * DAY]
 
 
 async def test_rejected_page_fails_job_and_drops_later_pages(database: str) -> None:
@@ -98,7 +100,8 @@ async def test_rejected_page_fails_job_and_drops_later_pages(database: str) -> N
     assert job.receipt.finished.is_set() and job.receipt.outcome is JobOutcome.FAILED
     assert job.receipt.write_error is not None and "rejected" in job.receipt.write_error
     assert [db.to_ms(r[2]) for r in rows(database)] == [T0]
-    assert db.read_checkpoints(database)[("A", "1d")] == db.Checkpoint(T0, T0)
+    # the rejected page's span stays uncovered: the next plan asks for it again
+    assert db.read_coverage(database)[("A", "1d")] == spans([(T0, T0 + 1)])
     assert writer.statistics().write_errors == 1
 
 

@@ -24,8 +24,11 @@ class Job:
         self.fetch = FetchResult(from_ms, to_ms, pages, attempts, api_seconds, error, cancelled)
         self.receipt = Receipt(execution_id=execution_id)
 
-    def page(self, bars: Sequence[Bar]) -> PageWrite:
-        return PageWrite(self.series, bars, self.fetch.from_ms, self.receipt)
+    def page(self, bars: Sequence[Bar], span: tuple[int, int] | None = None) -> PageWrite:
+        """A page proving `span` (default: from the job's `from` through its last bar)."""
+        if span is None:
+            span = (self.fetch.from_ms, bars[-1].t + 1 if bars else self.fetch.from_ms)
+        return PageWrite(self.series, bars, span, self.receipt)
 
     def done(self) -> JobFinished:
         return JobFinished(self.series, self.fetch, self.receipt)

@@ -44,7 +44,7 @@ def test_no_secret_in_logs_endpoints_or_database(database: str, tmp_path: Path) 
             assert proc.wait(timeout=30) == 0
     texts = {"log": log.read_text(), **answers}
     with psycopg.connect(database) as conn:
-        for table in ("executions", "job_results", "series_freshness", "checkpoints"):
+        for table in ("executions", "job_results", "series_freshness", "coverage"):
             rows = conn.execute(f"SELECT * FROM {table}").fetchall()
             texts[table] = repr(rows)
     # the run did fail, and said why, in every place searched

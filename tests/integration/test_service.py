@@ -3,9 +3,9 @@
 Each test binds the AF_UNIX datagram socket systemd would own, starts `python -m daemon run`
 with `NOTIFY_SOCKET` (and `WATCHDOG_USEC`, `JOURNAL_STREAM`) pointing at it, and reads what the
 daemon says while the test reloads, breaks the config and stops it. Data is compared with the
-simulator's ground truth; after every stop, each checkpoint must describe exactly the bars in
-the table (the bars from covered_from to covered_through equal the truth there, and no bar lies
-outside a checkpoint).
+simulator's ground truth; after every stop, each series' coverage must describe exactly the
+bars in the table (inside every covered span the bars equal the truth there, and no bar lies
+outside the coverage).
 """
 
 from __future__ import annotations
@@ -145,19 +145,18 @@ def bar_count(url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def assert_checkpoints_consistent(url: str) -> None:
-    """Every checkpoint covers exactly the truth, and every bar is under its checkpoint."""
+def assert_coverage_consistent(url: str) -> None:
+    """Inside every covered span the bars are exactly the truth; no bar is outside coverage."""
     got = table(url)
-    cps = db.read_checkpoints(url)
-    for (symbol, tf), cp in cps.items():
-        rows = [r for r in got.get((symbol, tf), [])
-                if cp.covered_from_ms <= r[0] <= cp.covered_through_ms]
-        expected = truth(SEED, [symbol], [tf], cp.covered_from_ms, cp.covered_through_ms)
-        assert rows == expected.get((symbol, tf), []), (symbol, tf)
+    coverage = db.read_coverage(url)
+    for (symbol, tf), covered in coverage.items():
+        for lo, hi in covered:
+            rows = [r for r in got.get((symbol, tf), []) if lo <= r[0] < hi]
+            expected = truth(SEED, [symbol], [tf], lo, hi - 1)
+            assert rows == expected.get((symbol, tf), []), (symbol, tf, lo, hi)
     for key, rows in got.items():
-        assert key in cps, f"bars of {key} without a checkpoint"
-        cp = cps[key]
-        assert cp.covered_from_ms <= rows[0][0] and rows[-1][0] <= cp.covered_through_ms, key
+        assert key in coverage, f"bars of {key} without coverage"
+        assert all(coverage[key].contains(r[0]) for r in rows), key
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = WAIT
@@ -347,7 +346,7 @@ def test_sighup_adds_series_live_and_a_broken_config_keeps_the_old_one(
         code, _ = stop(proc)
     assert code == 0
     assert duplicates(database) == 0
-    assert_checkpoints_consistent(database)
+    assert_coverage_consistent(database)
     print(f"\nadded series complete {arrived:.2f} s after SIGHUP")
 
 
@@ -388,13 +387,13 @@ def test_sigterm_mid_backfill_exits_0_consistent_then_restart_completes_exactly(
         assert 0 < at_stop < total  # it was mid-backfill
         # no request started after SIGTERM: only the ones in flight (2 at most) were answered
         assert requests_after - requests_before <= 2
-        assert_checkpoints_consistent(database)
+        assert_coverage_consistent(database)
         assert "stopping: finishing in-flight pages" in log.read_text()
 
         assert run_once(path, database, log=tmp_path / "restart.log") == 0
     assert table(database) == truth(SEED, STOP_SYMBOLS, STOP_TIMEFRAMES, FROM_MS, TO_MS)
     assert duplicates(database) == 0
-    assert_checkpoints_consistent(database)
+    assert_coverage_consistent(database)
     print(f"\nSIGTERM mid-backfill ({at_stop}/{total} bars): exit 0 in {stop_seconds:.2f} s")
 
 
@@ -410,7 +409,7 @@ def test_second_sigint_exits_at_once_with_consistent_data(
     assert code == 130, log.read_text()[-3000:]
     assert seconds < 1.0  # not the 1-2 s a page in flight would take
     assert "second interrupt: stopping now" in log.read_text()
-    assert_checkpoints_consistent(database)
+    assert_coverage_consistent(database)
     print(f"\nsecond SIGINT: exit 130 in {seconds:.2f} s")
 
 
