@@ -5,6 +5,7 @@ API's query parameters, body shape, `next_url` pagination (absolute, a `cursor`,
 (`apiKey` or `Authorization: Bearer`), a sliding-window rate limit per key with the real 429
 body, and injected faults, so the daemon can be tested against everything the real service does
 without a network or a subscription. `GET /__stats` returns counters for tests and the demo.
+Cut-off bodies and dropped connections go out through daemon.httpserver's `Hijack`.
 
 Determinism: bars come from daemon.simulator.data (pure functions of seed and time); latency
 and faults come from the seed and the request's sequence number, and all waiting uses
@@ -20,7 +21,9 @@ import argparse
 import base64
 import collections
 import datetime as dt
+import email.utils
 import hashlib
+import http
 import math
 import random
 import re
@@ -34,7 +37,7 @@ import attrs
 import trio
 from loguru import logger
 
-from ..httpserver import Request, Response, serve_http
+from ..httpserver import Hijack, Request, Response, serve_http
 from ..market_calendar import et_midnight_ms, is_crypto, latest_bar_start_ms
 from ..timeframes import Timeframe
 from .data import page_with_count
@@ -181,7 +184,7 @@ class Simulator:
         return hashlib.blake2b(f"{self.options.seed}|id|{self._ids}".encode(),
                                digest_size=16).hexdigest()
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response | Hijack:
         """Answer one request (the daemon.httpserver handler)."""
         if request.path == "/__stats":
             return Response.json(attrs.asdict(self.statistics()))
@@ -225,9 +228,8 @@ class Simulator:
         if fault == "truncated":
             cut = hashlib.blake2b(f"{self.options.seed}|cut|{self._sequence}".encode(),
                                   digest_size=4).digest()
-            response.truncate_at = 1 + int.from_bytes(cut, "little") % max(
-                1, len(response.body) - 1)
-            return response
+            return Hijack(partial(_send_raw, _head(response) + response.body[
+                : 1 + int.from_bytes(cut, "little") % max(1, len(response.body) - 1)]))
         self._count(ok=1, bars_served=bars, bytes_served=len(response.body))
         return response
 
@@ -269,13 +271,13 @@ class Simulator:
         self._count(faults_total=1)
         return kind
 
-    def _fault(self, kind: str, query: _Query) -> Response:
+    def _fault(self, kind: str, query: _Query) -> Response | Hijack:
         if kind.startswith("http_"):
             code = int(kind[5:])
             html = _HTML_PAGE.format(code=code, reason=_REASONS[code])
             return Response.text(html, code, "text/html")
         if kind == "dropped":
-            return Response(drop=True)
+            return Hijack(_send_nothing)
         if kind == "spurious_429":
             return Response.json({"status": "ERROR", "request_id": self._request_id(),
                                   "error": RATE_LIMIT_ERROR}, 429)
@@ -322,6 +324,26 @@ class Simulator:
         }).encode()).decode().rstrip("=")
         return (f"http://{host}/v2/aggs/ticker/{quote(query.ticker, safe=':.-')}/range/"
                 f"{tf.multiplier}/{span}/{from_ms}/{to_ms}?cursor={cursor}")
+
+
+def _head(response: Response) -> bytes:
+    """The HTTP/1.1 head h11 would write for `response`, with `Connection: close`."""
+    headers = {k.lower(): v for k, v in response.headers.items()}
+    headers.setdefault("content-length", str(len(response.body)))
+    headers.setdefault("date", email.utils.formatdate(usegmt=True))
+    headers["connection"] = "close"
+    lines = [f"HTTP/1.1 {response.status} {http.HTTPStatus(response.status).phrase}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _send_raw(data: bytes, stream: trio.SocketStream) -> None:
+    """A cut-off body: the head promises more than follows (written past h11, on purpose)."""
+    await stream.send_all(data)
+
+
+async def _send_nothing(stream: trio.SocketStream) -> None:
+    """A dropped connection: not a byte of answer."""
 
 
 def _api_key(request: Request) -> str:
