@@ -21,7 +21,11 @@ to ET midnight and never cross it (see daemon.market_calendar for the DST rule);
 indices have bars only on trading days, 04:00-20:00 ET, where a bucket with no trades has no bar
 (likelier before the open and after the close, and for illiquid tickers); `X:` crypto trades
 every minute of every day. `vw` and `n` are each missing from a deterministic ~2 % of bars.
-`adjusted` changes nothing: the simulated tickers have no splits.
+
+Splits (daemon.simulator.splits): the series above is the fully adjusted price. Given splits,
+`splits=` and `adjusted=` scale the bars before each split's execution date: raw bars
+(`adjusted=False`) by every split, adjusted bars only by the hidden (unannounced) ones. Daily
+bars are scaled before week/month/multi-day bars aggregate them. No splits: bars as generated.
 
 Speed: one day is generated at a time, lazily; memos live only for one call; the caches are
 bounded. ~440,000 bars/s generated and JSON-encoded on one core (the demo's 3.76 M bars in
@@ -35,7 +39,7 @@ import functools
 import hashlib
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -50,6 +54,7 @@ from ..market_calendar import (
     is_trading_day,
 )
 from ..timeframes import Timeframe
+from .splits import NO_ADJUSTMENT, Adjustment, Split, adjustment, scale_bar
 
 __all__ = ["RawBar", "bars_between", "ground_truth", "page", "page_with_count"]
 
@@ -337,8 +342,14 @@ def _bucket_starts(timeframe: Timeframe, first_day: dt.date, last_day: dt.date, 
             first = _next_bucket(timeframe, first)
 
 
+def _scaled(bar: RawBar, adjust: Adjustment) -> RawBar:
+    factor = adjust.factor(int(bar["t"]))
+    return bar if factor == 1.0 else scale_bar(bar, factor)
+
+
 def _series(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int,
-            *, descending: bool = False) -> Iterator[tuple[int, RawBar]]:
+            *, descending: bool = False, adjust: Adjustment = NO_ADJUSTMENT
+            ) -> Iterator[tuple[int, RawBar]]:
     """(cost, bar) for every bar with from_ms <= t <= to_ms; cost counts base aggregates."""
     if to_ms < from_ms:
         return
@@ -351,50 +362,60 @@ def _series(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: i
             bars = _intraday_day(profile, anchors, timeframe, dt.date.fromordinal(ordinal))
             if descending:
                 bars.reverse()
-            for item in bars:
-                if from_ms <= item[1]["t"] <= to_ms:
-                    yield item
+            for cost, bar in bars:
+                if from_ms <= bar["t"] <= to_ms:
+                    yield cost, (_scaled(bar, adjust) if adjust else bar)
         return
     for start in _bucket_starts(timeframe, first_day, last_day, descending=descending):
         t = et_midnight_ms(start)
         if not from_ms <= t <= to_ms:
             continue
         if timeframe == _DAILY:
-            bar = _daily_bar(profile, anchors, start)
-            if bar is not None:
-                yield 1, bar
+            daily = _daily_bar(profile, anchors, start)
+            if daily is not None:
+                yield 1, (_scaled(daily, adjust) if adjust else daily)
             continue
         end = _next_bucket(timeframe, start)
-        days = [b for i in range((end - start).days)
+        days = [_scaled(b, adjust) if adjust else b for i in range((end - start).days)
                 if (b := _daily_bar(profile, anchors, start + dt.timedelta(days=i)))]
         if days:
             yield len(days), _aggregate(profile, timeframe.label, start, days)
 
 
-def bars_between(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int
-                 ) -> Iterator[RawBar]:
+def bars_between(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int, *,
+                 splits: Iterable[Split] = (), adjusted: bool = True) -> Iterator[RawBar]:
     """Every bar with `from_ms <= t <= to_ms`, ascending, generated lazily one day at a time.
 
     Each bar is a dict with `v vw o c h l t n` (`vw`/`n` sometimes absent), exactly what the
-    simulator puts in `results`.
+    simulator puts in `results` for a request with this `adjusted` while `splits` (the
+    simulator's splits of any tickers, visible and hidden) are registered.
     """
-    for _, bar in _series(seed, ticker, timeframe, from_ms, to_ms):
+    adjust = adjustment(splits, ticker, adjusted=adjusted)
+    for _, bar in _series(seed, ticker, timeframe, from_ms, to_ms, adjust=adjust):
         yield bar
 
 
-def ground_truth(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int
-                 ) -> list[RawBar]:
+def ground_truth(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int, *,
+                 splits: Iterable[Split] = (), adjusted: bool = True) -> list[RawBar]:
     """`bars_between` as a list: what a complete, exact backfill must hold."""
-    return list(bars_between(seed, ticker, timeframe, from_ms, to_ms))
+    return list(bars_between(seed, ticker, timeframe, from_ms, to_ms, splits=splits,
+                             adjusted=adjusted))
 
 
 def page_with_count(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int,
-                    limit: int, *, descending: bool = False
+                    limit: int, *, descending: bool = False, splits: Iterable[Split] = (),
+                    adjusted: bool = True, adjust: Adjustment | None = None
                     ) -> tuple[list[RawBar], int | None, int]:
-    """`page`, plus the number of base aggregates it covers (the API's `queryCount`)."""
+    """`page`, plus the number of base aggregates it covers (the API's `queryCount`).
+
+    `adjust`: the factors already computed from `splits` and `adjusted` (which it overrides).
+    """
     bars: list[RawBar] = []
     used = 0
-    for cost, bar in _series(seed, ticker, timeframe, from_ms, to_ms, descending=descending):
+    if adjust is None:
+        adjust = adjustment(splits, ticker, adjusted=adjusted)
+    for cost, bar in _series(seed, ticker, timeframe, from_ms, to_ms, descending=descending,
+                             adjust=adjust):
         if bars and used + cost > limit:
             return bars, int(bar["t"]), used
         bars.append(bar)
@@ -403,7 +424,8 @@ def page_with_count(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, 
 
 
 def page(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int, limit: int,
-         *, descending: bool = False) -> tuple[list[RawBar], int | None]:
+         *, descending: bool = False, splits: Iterable[Split] = (), adjusted: bool = True
+         ) -> tuple[list[RawBar], int | None]:
     """One page of at most `limit` base aggregates, and where the next page starts.
 
     `limit` counts base aggregates as the API does: session minutes for minute and hour bars (a
@@ -413,5 +435,5 @@ def page(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int,
     when this is the last page; every non-last page is non-empty.
     """
     bars, next_ms, _ = page_with_count(seed, ticker, timeframe, from_ms, to_ms, limit,
-                                       descending=descending)
+                                       descending=descending, splits=splits, adjusted=adjusted)
     return bars, next_ms
