@@ -233,7 +233,7 @@ def test_command_line_sets_every_new_option() -> None:
         "--not-entitled-timespans", "minute,hour", "--outage", "30:10", "--outage", "100:2.5",
         "--outage-retry-after", "5", "--defects", "X:BTCUSD:0.25", "--defects", "AAPL:0",
         "--fault-kinds", "http_500,status_error", "--split", "NVDA:2024-06-10:1:10",
-        "--split", "X:BTCUSD:2024-09-03:5:1:hidden", "--max-connections", "50",
+        "--split", "X:BTCUSD:2024-09-03:5:1:hidden", "--cache-mb", "8", "--max-connections", "50",
     )
     assert options.not_entitled == {"AAPL", "X:BTCUSD", "MSFT"}
     assert options.not_entitled_timespans == {"minute", "hour"}
@@ -242,7 +242,7 @@ def test_command_line_sets_every_new_option() -> None:
     assert options.fault_kinds == ("http_500", "status_error")
     assert options.splits == (Split("NVDA", "2024-06-10", 1, 10),
                               Split("X:BTCUSD", "2024-09-03", 5, 1, hidden=True))
-    assert options.max_connections == 50
+    assert options.cache_bytes == 8 * 2**20 and options.max_connections == 50
     defaults = parse()
     assert defaults == SimulatorOptions()
     assert defaults.fault_kinds == FAULT_KINDS and not defaults.refuses("AAPL", "minute")

@@ -1,8 +1,9 @@
 """What the simulator can be told: `SimulatorOptions` and the `backfilld simulate` arguments.
 
 Everything a test or the demo scripts up front lives here (the rate, latency, faults,
-entitlements, outages, defects, splits); what changes at run time goes through
-the control endpoints (daemon.simulator.control).
+entitlements, outages, defects, splits, the page cache); what changes at run time goes through
+the control endpoints (daemon.simulator.control). `simulator_process` (daemon.simulator.process)
+passes the same options on a command line.
 
 Error handling: a bad value raises ValueError from `SimulatorOptions` and
 argparse.ArgumentTypeError (exit 2 with a message) from the command line.
@@ -25,6 +26,9 @@ __all__ = ["DEFAULT_PORT", "SimulatorOptions", "add_simulate_arguments", "option
 DEFAULT_PORT = 8765
 # The rate-limit window. A fractional rate (2.5/min) becomes 2 requests per 48 s, same rate.
 WINDOW_SECONDS = 60.0
+# Rendered pages kept for repeats and retries: enough for the demo's whole history of one
+# symbol at 5m, small beside the daemon and PostgreSQL sharing the machine.
+CACHE_BYTES = 64 * 1024 * 1024
 TIMESPANS = ("minute", "hour", "day", "week", "month")
 
 
@@ -99,6 +103,7 @@ class SimulatorOptions:
         defects: ticker -> share of its bars served defective (daemon.simulator.defects).
         fault_kinds: the rotation `fault_rate` draws from (default: today's FAULT_KINDS).
         splits: registered at start (daemon.simulator.splits); `hidden` ones unannounced.
+        cache_bytes: bound of the rendered-page cache (0: no cache).
         max_connections: connections served at once; more get a 503 (None: no cap).
     """
 
@@ -124,6 +129,7 @@ class SimulatorOptions:
     defects: dict[str, float] = attrs.field(factory=dict, converter=_rates)
     fault_kinds: tuple[str, ...] = attrs.field(default=FAULT_KINDS, converter=_fault_kinds)
     splits: tuple[Split, ...] = attrs.field(default=(), converter=_splits)
+    cache_bytes: int = attrs.field(default=CACHE_BYTES, validator=attrs.validators.ge(0))
     max_connections: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
 
@@ -276,6 +282,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", type=_parse_split, action="append", default=[],
                         metavar="TICKER:YYYY-MM-DD:FROM:TO[:hidden]",
                         help="register a split; ':hidden' leaves it unannounced (repeatable)")
+    parser.add_argument("--cache-mb", type=float, default=CACHE_BYTES / 2**20,
+                        help=f"rendered-page cache bound in MiB (default {CACHE_BYTES >> 20}; "
+                        "0 = off)")
     parser.add_argument("--max-connections", type=int, default=None,
                         help="connections served at once; more get a 503 (default: no cap)")
 
@@ -300,5 +309,6 @@ def options_from_args(args: argparse.Namespace) -> SimulatorOptions:
         defects=dict(args.defects),
         fault_kinds=args.fault_kinds,
         splits=tuple(args.split),
+        cache_bytes=int(args.cache_mb * 2**20),
         max_connections=args.max_connections,
     )

@@ -26,7 +26,8 @@ What an API request meets, in this order (the first that applies answers):
     7. an injected fault (daemon.simulator.faults), at `fault_rate`
     8. the answer. Aggregates: bars from daemon.simulator.data scaled for the ticker's splits
        (adjusted=true: the hidden ones only; false: all), then spoiled at the ticker's defect
-       rate (daemon.simulator.defects).
+       rate (daemon.simulator.defects); the rendered `results` come from a byte-bounded LRU
+       cache keyed by everything that shapes them, and each answer gets its own request_id.
 
 Determinism: bars come from daemon.simulator.data (pure functions of seed and time); latency
 and faults come from the seed and the request's sequence number; defects from seed, ticker,
@@ -60,6 +61,7 @@ from loguru import logger
 from ..httpserver import Hijack, Request, Response, serve_http
 from ..market_calendar import et_midnight_ms, is_crypto, latest_bar_start_ms
 from ..timeframes import Timeframe
+from .cache import ByteLRU, CacheStatistics
 from .control import PREFIX as CONTROL_PREFIX
 from .control import handle_control
 from .data import page_with_count
@@ -110,6 +112,8 @@ MAX_TRACKED_KEYS = 1024
 SPLITS_PATH = "/v3/reference/splits"
 # How /__stats groups requests by path.
 PATH_KINDS = ("aggs", "splits", "stats", "control", "other")
+# Bytes a cached page costs beyond its results (key, bookkeeping): keeps tiny pages honest.
+_ENTRY_OVERHEAD = 256
 _AGGS_PATH = re.compile(
     r"^/v2/aggs/ticker/(?P<ticker>.+)/range/(?P<multiplier>[^/]+)/(?P<timespan>[^/]+)"
     r"/(?P<from>[^/]+)/(?P<to>[^/]+)/?$"
@@ -140,10 +144,11 @@ class SimulatorStatistics:
     faults: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
     defects: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(DEFECT_KINDS, 0))
     requests_by_path: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(PATH_KINDS, 0))
+    cache: CacheStatistics = CacheStatistics(0, 0, 0, 0, 0, 0)
 
 
 _COUNTERS = tuple(a.name for a in attrs.fields(SimulatorStatistics)
-                  if a.name not in ("faults", "defects", "requests_by_path"))
+                  if a.name not in ("faults", "defects", "requests_by_path", "cache"))
 
 
 class _BadRequest(Exception):
@@ -168,7 +173,7 @@ class _Query:
 
 @attrs.frozen
 class _Page:
-    """A rendered aggregates page (all but the per-answer envelope)."""
+    """A rendered aggregates page: what the cache keeps (all but the per-answer envelope)."""
 
     results: bytes  # the JSON array, as served
     count: int  # bars in `results`
@@ -178,7 +183,7 @@ class _Page:
 
 
 class Simulator:
-    """The request handler and its state: rate windows, counters, faults, scenario.
+    """The request handler and its state: rate windows, counters, faults, scenario, cache.
 
     Construct inside trio: the outage windows of the options count from `trio.current_time()`
     at construction.
@@ -192,6 +197,7 @@ class Simulator:
         self._faults = dict.fromkeys(options.fault_kinds, 0)
         self._defects = dict.fromkeys(DEFECT_KINDS, 0)
         self._by_path = dict.fromkeys(PATH_KINDS, 0)
+        self._cache: ByteLRU[_Page] = ByteLRU(options.cache_bytes)
         self._windows: dict[str, collections.deque[float]] = {}
         self._latency_rng = random.Random(options.seed)
         self._sequence = 0  # requests that reached the fault stage
@@ -207,7 +213,8 @@ class Simulator:
         """A snapshot of the counters."""
         return SimulatorStatistics(**self._counts, faults=dict(self._faults),
                                    defects=dict(self._defects),
-                                   requests_by_path=dict(self._by_path))
+                                   requests_by_path=dict(self._by_path),
+                                   cache=self._cache.statistics())
 
     def _count(self, **increments: int) -> None:
         for name, value in increments.items():
@@ -354,7 +361,7 @@ class Simulator:
     # --- aggregates -----------------------------------------------------------------------
 
     def _page(self, query: _Query) -> _Page:
-        """The page `query` asks for now: generated, scaled for splits, spoiled and encoded."""
+        """The page `query` asks for now: from the cache, or generated, spoiled and encoded."""
         now_ms = self.options.now_ms
         if now_ms is None:
             now_ms = int(time.time() * 1000)
@@ -363,14 +370,20 @@ class Simulator:
         to_ms = min(query.to_ms, newest)
         adjust = self.scenario.adjustment(query.ticker, adjusted=query.adjusted)
         rate = self.scenario.defect_rate(query.ticker)
+        key = (query, to_ms, adjust.key, rate)
+        page = self._cache.get(key)
+        if page is not None:
+            return page
         bars, next_ms, used = page_with_count(
             self.options.seed, query.ticker, query.timeframe, query.from_ms, to_ms,
             query.limit, descending=query.descending, adjust=adjust)
         served, counts = spoil(bars, self.options.seed, query.ticker, query.timeframe, rate,
                                from_ms=query.from_ms, to_ms=query.to_ms,
                                descending=query.descending)
-        return _Page(msgspec.json.encode(served), len(served), used, next_ms,
+        page = _Page(msgspec.json.encode(served), len(served), used, next_ms,
                      tuple(sorted(counts.items())))
+        self._cache.put(key, page, len(page.results) + _ENTRY_OVERHEAD)
+        return page
 
     def _base(self, host: str | None) -> str:
         if not host:
