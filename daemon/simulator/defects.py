@@ -84,11 +84,12 @@ def spoil(bars: list[RawBar], seed: int, ticker: str, timeframe: Timeframe, rate
           from_ms: int, to_ms: int, descending: bool) -> tuple[list[ServedBar], Counter[str]]:
     """`bars` (one answer's, for the request `[from_ms, to_ms]`) with their defects applied.
 
-    Returns the bars to serve and how many of each kind were spoiled. `bars` is not modified.
+    Returns the bars to serve (`bars` itself when none is spoiled: no copy) and how many of
+    each kind were spoiled. `bars` is not modified.
     """
     counts: Counter[str] = Counter()
     if rate <= 0:
-        return list(bars), counts  # type: ignore[arg-type]  # a RawBar is a ServedBar
+        return bars, counts  # type: ignore[return-value]  # a RawBar is a ServedBar
     out: list[ServedBar] = []
     for bar in bars:
         kind = defect_kind(seed, ticker, timeframe, int(bar["t"]), rate)
