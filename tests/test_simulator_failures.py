@@ -8,7 +8,9 @@ virtual time, and a half-minute outage takes no real time.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -19,6 +21,7 @@ from daemon.simulator.options import (
     add_simulate_arguments,
     options_from_args,
 )
+from daemon.simulator.process import control_url, simulate_arguments, simulator_process
 from daemon.simulator.splits import Split
 from tests.test_simulator import JAN_FROM, JAN_TO, SEED, Reply, aggs_path, fetch, start, tf
 
@@ -260,3 +263,72 @@ def test_command_line_refuses_bad_values(argv: tuple[str, ...],
         parse(*argv)
     assert exc.value.code == 2
     assert "expected" in capsys.readouterr().err
+
+
+def test_simulate_arguments_round_trip_through_the_command_line() -> None:
+    argv = simulate_arguments(
+        requests_per_minute=150, latency_ms="10-20", fault_rate=0.1, seed=9, api_key="key",
+        now="2025-01-01T00:00Z", window_seconds=6, retry_after=False,
+        fault_kinds=["truncated", "status_not_authorized"], not_entitled=["AAPL", "X:BTCUSD"],
+        not_entitled_timespans=["minute"], outages=[(5, 10), (60, 0.5)], outage_retry_after=3,
+        defects={"MSFT": 0.01}, splits=[Split("NVDA", "2024-06-10", 1, 10, hidden=True),
+                                        "TSLA:2022-08-25:1:3"],
+        cache_mb=1.5, max_connections=20)
+    options = parse(*argv)
+    assert options == SimulatorOptions(
+        requests_per_minute=150, latency_ms=(10, 20), fault_rate=0.1, seed=9, api_key="key",
+        now_ms=1735689600000, window_seconds=6, retry_after=False,
+        fault_kinds=("truncated", "status_not_authorized"), not_entitled={"AAPL", "X:BTCUSD"},
+        not_entitled_timespans={"minute"}, outages=((5, 10), (60, 0.5)), outage_retry_after=3,
+        defects={"MSFT": 0.01}, splits=(Split("NVDA", "2024-06-10", 1, 10, hidden=True),
+                                        Split("TSLA", "2022-08-25", 1, 3)),
+        cache_bytes=int(1.5 * 2**20), max_connections=20)
+
+
+def test_simulator_process_passes_the_options_to_the_child() -> None:
+    with simulator_process(seed=SEED, not_entitled=["AAPL"], outages=[(3600, 60)],
+                           splits=["NVDA:2024-01-10:1:10:hidden"], defects={"MSFT": 1.0},
+                           now="2025-01-01T00:00Z") as url, httpx.Client(
+            base_url=url, headers={"Authorization": "Bearer k"}) as client:
+        assert client.get(aggs_path("AAPL", "1d", "2024-01-02", "2024-01-05")).status_code == 403
+        assert client.get(aggs_path("BRK.A", "1d", "2024-01-02", "2024-01-05")).status_code == 200
+        splits = client.get("/__control/splits").json()["splits"]
+        assert [(s["ticker"], s["hidden"]) for s in splits] == [("NVDA", True)]
+        assert client.post(control_url(url, "splits/announce", ticker="NVDA")).status_code == 200
+        listed = client.get("/v3/reference/splits").json()["results"]
+        assert [s["execution_date"] for s in listed] == ["2024-01-10"]
+        assert client.get(aggs_path("MSFT", "1d", "2024-01-02", "2024-01-05")).json()[
+            "resultsCount"] >= 4
+        assert client.get("/__stats").json()["defects_served"] >= 4
+
+
+def test_control_url() -> None:
+    assert control_url("http://h:1/", "defects", ticker="X:BTCUSD", rate=0.5) == (
+        "http://h:1/__control/defects?ticker=X%3ABTCUSD&rate=0.5")
+    assert control_url("http://h:1", "outage") == "http://h:1/__control/outage"
+
+
+def test_procs_helpers_script_a_child_simulator(tmp_path: Path) -> None:
+    from tests.integration.procs import control, scripted_simulator, simulator_stats, split_truth
+
+    hidden = "NVDA:2024-01-10:1:10:hidden"
+    with scripted_simulator(tmp_path, seed=SEED, splits=[hidden], now="2025-01-01T00:00Z",
+                            outages=[(3600, 1)]) as url, httpx.Client(
+            base_url=url, headers={"Authorization": "Bearer k"}) as client:
+
+        def rows(adjusted: bool) -> list[tuple[object, ...]]:
+            body = client.get(aggs_path("NVDA", "1d", JAN_FROM, JAN_TO,
+                                        adjusted=str(adjusted).lower())).json()
+            return [(b["t"], b["o"], b["h"], b["l"], b["c"], b["v"], b.get("vw"), b.get("n"))
+                    for b in body["results"]]
+
+        assert rows(True) == split_truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO,
+                                         splits=[hidden])[("NVDA", "1d")]
+        assert control(url, "splits/announce", ticker="NVDA")["announced"][0]["hidden"] is False
+        assert rows(True) == split_truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO)[("NVDA", "1d")]
+        assert rows(False) == split_truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO,
+                                          splits=[hidden], adjusted=False)[("NVDA", "1d")]
+        control(url, "outage", seconds=60)
+        assert client.get(aggs_path("NVDA", "1d", JAN_FROM, JAN_TO)).status_code == 503
+        stats = simulator_stats(url)
+        assert stats["outage"] == 1 and stats["requests_by_path"]["control"] == 2

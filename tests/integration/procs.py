@@ -111,3 +111,63 @@ def duplicates(database_url: str) -> int:
             "SELECT count(*) - count(DISTINCT (symbol, timeframe, ts)) FROM bars"
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+# --- scripting the simulator (its options, its control endpoints, its counters) ------------
+# Appended with its own imports, so the top of the module stays as it was.
+
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+from daemon.simulator.options import parse_split  # noqa: E402
+from daemon.simulator.process import control_url  # noqa: E402
+from daemon.simulator.splits import Split  # noqa: E402
+
+
+@contextlib.contextmanager
+def scripted_simulator(tmp: Path, **options: Any) -> Iterator[str]:
+    """`simulator`, with any SimulatorOptions knob as a keyword (see `simulate_arguments`).
+
+    E.g. `scripted_simulator(tmp, not_entitled=["AAPL"], outages=[(5, 10)],
+    defects={"MSFT": 0.01}, splits=["NVDA:2024-06-10:1:10:hidden"])`.
+    """
+    with simulator_process(log=tmp / f"simulator-{next(_logs)}.log", **options) as url:
+        yield url
+
+
+def control(base_url: str, what: str, **params: object) -> dict[str, Any]:
+    """POST a simulator control endpoint (e.g. `control(url, "outage", seconds=30)`, or
+    `control(url, "splits/announce", ticker="NVDA")`); its JSON answer. Raises on non-2xx."""
+    reply = httpx.post(control_url(base_url, what, **params), timeout=10)
+    reply.raise_for_status()
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def simulator_stats(base_url: str) -> dict[str, Any]:
+    """The simulator's /__stats counters."""
+    reply = httpx.get(f"{base_url.rstrip('/')}/__stats", timeout=10)
+    reply.raise_for_status()
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def split_truth(seed: int, symbols: list[str], timeframes: list[str], from_ms: int, to_ms: int,
+                *, splits: Sequence[Split | str] = (), adjusted: bool = True,
+                ) -> dict[tuple[str, str], list[Row]]:
+    """`truth` for a simulator with these splits registered, as `adjusted` bars serve them.
+
+    `splits` as given to the simulator (Split objects or `TICKER:DATE:FROM:TO[:hidden]`), with
+    `hidden` as it is *now* (announce one: pass it again visible).
+    """
+    parsed = [s if isinstance(s, Split) else parse_split(s) for s in splits]
+    out: dict[tuple[str, str], list[Row]] = {}
+    for s in symbols:
+        for label in timeframes:
+            bars = ground_truth(seed, s, parse_timeframe(label), from_ms, to_ms, splits=parsed,
+                                adjusted=adjusted)
+            rows = [(b["t"], float(b["o"]), float(b["h"]), float(b["l"]), float(b["c"]),
+                     float(b["v"]), b.get("vw"), b.get("n")) for b in bars]
+            if rows:
+                out[(s, label)] = rows
+    return out
