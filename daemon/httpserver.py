@@ -18,8 +18,9 @@ closed after a brief lingering drain. A cap keeps a flood of clients from starvi
 
 Error handling: a bad client never kills the server. Malformed HTTP gets 400 and a close, an
 oversized head 431, an oversized body 413, a slow request 408; a handler that raises gets 500
-(logged) and the connection stays usable; a peer that vanishes is dropped silently. Only
-cancellation ends `serve_http`.
+(logged) and the connection stays usable; a Hijack coroutine that raises costs its own
+connection (logged); a peer that vanishes is dropped silently. Only cancellation ends
+`serve_http`.
 """
 
 from __future__ import annotations
