@@ -5,14 +5,22 @@ connection waits at most `idle_timeout` for the first byte of a request, then mu
 whole request within `read_timeout`. Keep-alive, no TLS, no chunked uploads beyond what h11
 parses, one request at a time per connection.
 
-The handler is `async def handler(request: Request) -> Response`. A `Response` can also misbehave
-on purpose, for fault injection: `truncate_at` sends the headers (with the full Content-Length)
-and only that many body bytes, then closes; `drop` closes without answering at all.
+The handler is `async def handler(request: Request) -> Response | Hijack`. A `Hijack` (Go's
+`http.Hijacker`, in one value) hands the raw connection to the caller's coroutine instead of an
+answer: the server writes nothing more on it and closes it when the coroutine returns. That is
+the one extension point; the simulator builds its misbehaviour (bodies cut off mid-stream,
+connections dropped unanswered) on it, so this module knows nothing about faults.
+
+`max_connections` caps the connections served at once: past it, a new connection gets a short
+`503` with `Retry-After: 1` and `Connection: close`, written before its request is read, and is
+closed after a brief lingering drain. A cap keeps a flood of clients from starving the process
+(the status endpoint shares its loop with the daemon; the simulator its cores with the demo).
 
 Error handling: a bad client never kills the server. Malformed HTTP gets 400 and a close, an
 oversized head 431, an oversized body 413, a slow request 408; a handler that raises gets 500
-(logged) and the connection stays usable; a peer that vanishes is dropped silently. Only
-cancellation ends `serve_http`.
+(logged) and the connection stays usable; a Hijack coroutine that raises costs its own
+connection (logged); a peer that vanishes is dropped silently. Only cancellation ends
+`serve_http`.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import msgspec
 import trio
 from loguru import logger
 
-__all__ = ["Handler", "Request", "Response", "serve_http"]
+__all__ = ["Handler", "Hijack", "Request", "Response", "serve_http"]
 
 # h11 refuses a request head (request line + headers) larger than this: 431.
 MAX_HEADER_BYTES = 16 * 1024
@@ -44,6 +52,10 @@ READ_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
 RECEIVE_SIZE = 64 * 1024
 SERVER_NAME = b"backfilld"
+# What a connection over `max_connections` reads: short, JSON (every client here parses JSON),
+# and it says when to come back.
+BUSY_BODY = b'{"status":"ERROR","error":"Too many open connections, retry shortly"}'
+BUSY_RETRY_AFTER = 1
 
 
 @attrs.frozen
@@ -62,15 +74,12 @@ class Request:
 class Response:
     """What the handler answers. Content-Length is added unless the handler set it.
 
-    `truncate_at`: send only the first N body bytes, then close (a body cut off mid-stream).
-    `drop`: close the connection without sending anything. `close`: close after answering.
+    `close`: close the connection after answering (sends `Connection: close`).
     """
 
     status: int = 200
     headers: dict[str, str] = attrs.field(factory=dict)
     body: bytes = b""
-    truncate_at: int | None = None
-    drop: bool = False
     close: bool = False
 
     @classmethod
@@ -86,7 +95,23 @@ class Response:
         return cls(status, {"content-type": content_type}, text.encode())
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+@attrs.frozen
+class Hijack:
+    """Instead of an answer: `run(stream)` gets the raw connection and does what it likes.
+
+    The server has read the request and sent nothing for it; after `run` returns (or raises)
+    the connection is closed, never reused. Bytes written are the caller's business: this is
+    how a test server sends what no correct server would (a head promising more body than
+    follows, nothing at all).
+
+    Error handling: the peer vanishing inside `run` is silent; any other exception is logged
+    and costs this connection only.
+    """
+
+    run: Callable[[trio.SocketStream], Awaitable[None]]
+
+
+Handler = Callable[[Request], Awaitable[Response | Hijack]]
 
 
 class _ClientError(Exception):
@@ -103,6 +128,8 @@ class _Limits:
     read_timeout: float
     max_header_bytes: int
     max_body_bytes: int
+    max_connections: int | None
+    open_connections: int = 0  # mutable: shared by the connections of one serve_http
 
 
 async def serve_http(
@@ -114,17 +141,22 @@ async def serve_http(
     read_timeout: float = READ_TIMEOUT,
     max_header_bytes: int = MAX_HEADER_BYTES,
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` on `host:port` until cancelled; report the bound port via task_status.
 
     `port=0` picks a free port (give a single-address host then, e.g. `127.0.0.1`, or each
-    address family would get its own port).
+    address family would get its own port). `max_connections`: at most this many connections
+    are served at once; one more is answered `503` at once and closed (None: no cap).
 
     Error handling: binding errors (port in use) raise OSError before `started`; after that,
     nothing a client does escapes its connection's task.
     """
-    limits = _Limits(idle_timeout, read_timeout, max_header_bytes, max_body_bytes)
+    if max_connections is not None and max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1 or None: {max_connections}")
+    limits = _Limits(idle_timeout, read_timeout, max_header_bytes, max_body_bytes,
+                     max_connections)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             partial(trio.serve_tcp, partial(_serve_connection, handler, limits), port, host=host)
@@ -134,13 +166,39 @@ async def serve_http(
 
 async def _serve_connection(handler: Handler, limits: _Limits, stream: trio.SocketStream
                             ) -> None:
-    conn = _Connection(stream, limits)
+    if limits.max_connections is not None and limits.open_connections >= limits.max_connections:
+        await _refuse_busy(stream)
+        return
+    limits.open_connections += 1
     try:
-        await conn.run(handler)
+        await _Connection(stream, limits).run(handler)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away
     except Exception:  # a bug here must cost one connection, not the server
         logger.exception("http connection failed")
+    finally:
+        limits.open_connections -= 1  # before closing: a client seeing EOF may reconnect at once
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def _refuse_busy(stream: trio.SocketStream) -> None:
+    """Answer 503 before reading anything, then close: the cheapest polite refusal.
+
+    Written raw (no h11 state: the request has not arrived). Lingering afterwards reads and
+    discards the request the client is sending, so it sees the 503 rather than a reset.
+    """
+    head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(BUSY_BODY)).encode()
+            + b"\r\nretry-after: " + str(BUSY_RETRY_AFTER).encode()
+            + b"\r\nconnection: close\r\ndate: " + email.utils.formatdate(usegmt=True).encode()
+            + b"\r\nserver: " + SERVER_NAME + b"\r\n\r\n")
+    logger.debug("http connection refused: max_connections reached")
+    try:
+        await stream.send_all(head + BUSY_BODY)
+        await _linger(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
@@ -171,10 +229,11 @@ class _Connection:
             except Exception:
                 logger.exception("http handler failed for {} {}", request.method, request.path)
                 response = Response.text("internal server error\n", 500)
-            if response.drop:
+            if isinstance(response, Hijack):
+                await response.run(self.stream)
                 return
             await self._send(response, head=request.method == "HEAD")
-            if response.truncate_at is not None or response.close:
+            if response.close:
                 return
             if self.conn.our_state is h11.MUST_CLOSE:
                 return
@@ -225,7 +284,7 @@ class _Connection:
         if b"date" not in names:
             headers.append((b"date", email.utils.formatdate(usegmt=True).encode()))
         headers.append((b"server", SERVER_NAME))
-        if response.close or response.truncate_at is not None:
+        if response.close:
             headers.append((b"connection", b"close"))
         reason = _reason(response.status)
         data = self.conn.send(h11.Response(status_code=response.status, headers=headers,
@@ -233,10 +292,6 @@ class _Connection:
         await self.stream.send_all(data or b"")
         if head:
             await self.stream.send_all(self.conn.send(h11.EndOfMessage()) or b"")
-            return
-        if response.truncate_at is not None:
-            # Raw bytes past h11, which would (rightly) refuse to end a message early.
-            await self.stream.send_all(response.body[: response.truncate_at])
             return
         if response.body:
             await self.stream.send_all(self.conn.send(h11.Data(data=response.body)) or b"")
@@ -252,21 +307,22 @@ class _Connection:
                 pass
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-        await self._linger()
+        await _linger(self.stream)
 
-    async def _linger(self) -> None:
-        """Half-close, then discard what the client still sends, briefly (see LINGER_SECONDS)."""
-        with trio.move_on_after(LINGER_SECONDS):
-            try:
-                await self.stream.send_eof()
-                drained = 0
-                while drained < 16 * RECEIVE_SIZE:
-                    chunk = await self.stream.receive_some(RECEIVE_SIZE)
-                    if not chunk:
-                        return
-                    drained += len(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close, then discard what the client still sends, briefly (see LINGER_SECONDS)."""
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < 16 * RECEIVE_SIZE:
+                chunk = await stream.receive_some(RECEIVE_SIZE)
+                if not chunk:
+                    return
+                drained += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
 
 
 def _reason(status: int) -> bytes:

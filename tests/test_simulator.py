@@ -73,9 +73,12 @@ class Reply:
         return msgspec.json.decode(self.body)  # type: ignore[no-any-return]
 
 
-async def fetch(port: int, target: str, headers: dict[str, str] | None = None) -> Reply | None:
+async def fetch(port: int, target: str, headers: dict[str, str] | None = None, *,
+                method: str = "GET") -> Reply | None:
     """One raw HTTP/1.1 request on its own connection; None if closed without an answer."""
-    lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    if method == "POST":
+        lines.append("Content-Length: 0")
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     data = bytearray()

@@ -21,11 +21,17 @@ to ET midnight and never cross it (see daemon.market_calendar for the DST rule);
 indices have bars only on trading days, 04:00-20:00 ET, where a bucket with no trades has no bar
 (likelier before the open and after the close, and for illiquid tickers); `X:` crypto trades
 every minute of every day. `vw` and `n` are each missing from a deterministic ~2 % of bars.
-`adjusted` changes nothing: the simulated tickers have no splits.
 
-Speed: one day is generated at a time, lazily; memos live only for one call; the caches are
-bounded. ~440,000 bars/s generated and JSON-encoded on one core (the demo's 3.76 M bars in
-8.6 s).
+Splits (daemon.simulator.splits): the series above is the fully adjusted price. Given splits,
+`splits=` and `adjusted=` scale the bars before each split's execution date: raw bars
+(`adjusted=False`) by every split, adjusted bars only by the hidden (unannounced) ones. Daily
+bars are scaled before week/month/multi-day bars aggregate them. No splits: bars as generated.
+
+Speed: one day is generated at a time, lazily, into a list; a page takes whole days at once
+and walks bar by bar only through the day where it ends. Layouts and each ticker's daily
+anchors are memoized across calls, bounded. ~630,000 bars/s generated and JSON-encoded on one
+core (5m bars, one ticker, two years); the per-bar loop in `_intraday_day` is most of it, and
+what it draws, in what order, is the data itself: keep its output bit for bit when tuning it.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import functools
 import hashlib
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -50,6 +56,7 @@ from ..market_calendar import (
     is_trading_day,
 )
 from ..timeframes import Timeframe
+from .splits import NO_ADJUSTMENT, Adjustment, Split, adjustment, scale_bar
 
 __all__ = ["RawBar", "bars_between", "ground_truth", "page", "page_with_count"]
 
@@ -62,6 +69,9 @@ ANCHOR_LEVELS = 17
 ANCHOR_ORIGIN = dt.date(1900, 1, 1)
 # Prices sit at the ticker's base price on this day and wander away from it both ways.
 REFERENCE_DAY = dt.date(2024, 1, 2)
+# A ticker's anchor memo is forgotten past this many entries (~40 years of days, ~3 MB): the
+# memos are kept across calls for 64 tickers, so they must stay bounded.
+MAX_ANCHOR_MEMO = 30_000
 # Regular trading hours, minutes after ET midnight: most volume and trades happen here.
 REGULAR_OPEN_MINUTE = 9 * 60 + 30
 REGULAR_CLOSE_MINUTE = 16 * 60
@@ -130,11 +140,15 @@ def _normal(digest: bytes) -> float:
 
 
 class _Anchors:
-    """Daily log-closes of one ticker, memoized for the duration of one call."""
+    """Daily log-closes of one ticker, memoized across calls (see `_anchors`).
+
+    Pure: the memos only save work, so forgetting them (past MAX_ANCHOR_MEMO) is harmless.
+    """
 
     def __init__(self, profile: _Profile) -> None:
         self.profile = profile
         self.memo: dict[int, float] = {}
+        self.days: dict[int, tuple[float, float]] = {}  # ordinal -> open_close
         self.offset = 0.0
         self.offset = self._w(self._index(REFERENCE_DAY))
 
@@ -168,10 +182,24 @@ class _Anchors:
 
     def open_close(self, day: dt.date) -> tuple[float, float]:
         """The day's first and last price (unrounded)."""
-        p = self.profile
-        gap = GAP_FRACTION * p.daily_vol * self._noise(b"g", self._index(day))
-        return (math.exp(self.log_close(day - dt.timedelta(days=1)) + gap),
+        ordinal = day.toordinal()
+        found = self.days.get(ordinal)
+        if found is None:
+            if len(self.memo) > MAX_ANCHOR_MEMO:
+                self.memo.clear()
+                self.days.clear()
+            p = self.profile
+            gap = GAP_FRACTION * p.daily_vol * self._noise(b"g", self._index(day))
+            found = self.days[ordinal] = (
+                math.exp(self.log_close(day - dt.timedelta(days=1)) + gap),
                 math.exp(self.log_close(day)))
+        return found
+
+
+@functools.lru_cache(maxsize=64)
+def _anchors(profile: _Profile) -> _Anchors:
+    """One `_Anchors` per ticker, kept: consecutive pages share their days' anchors."""
+    return _Anchors(profile)
 
 
 def _day_rng(profile: _Profile, label: str, day: dt.date) -> random.Random:
@@ -186,13 +214,16 @@ def _quantum(price: float) -> float:
 
 
 # One intraday bucket of a day's layout: offset from ET midnight (ms), base minutes it covers,
-# chance it has a bar, its share of volume (in regular-minute units), its step deviation and
-# the fraction of the day's variance elapsed at its end (for the bridge).
+# chance it has a bar, its expected volume (the ticker's volume per regular minute times the
+# bucket's share in regular-minute units), its step deviation and the fraction of the day's
+# variance elapsed at its end (for the bridge).
 _Slot = tuple[int, int, float, float, float, float]
+# A day's layout: its slots, and their step deviations alone (the walk's inner loop).
+_Layout = tuple[tuple[_Slot, ...], tuple[float, ...]]
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(profile: _Profile, size: int, day_minutes: int) -> tuple[_Slot, ...]:
+def _layout(profile: _Profile, size: int, day_minutes: int) -> _Layout:
     """The buckets one day holds for a bucket size of `size` minutes."""
     if profile.crypto:
         open_, close, reg_open, reg_close = 0, day_minutes, 0, day_minutes
@@ -214,36 +245,44 @@ def _layout(profile: _Profile, size: int, day_minutes: int) -> tuple[_Slot, ...]
     slots, elapsed = [], 0.0
     for start, minutes, p_bar, volume, variance in raw:
         elapsed += variance / total
-        slots.append((start * _MINUTE_MS, minutes, p_bar, volume,
+        slots.append((start * _MINUTE_MS, minutes, p_bar, profile.volume_per_minute * volume,
                       profile.daily_vol * math.sqrt(variance / total) * _UNIFORM_SD, elapsed))
-    return tuple(slots)
+    return tuple(slots), tuple(slot[4] for slot in slots)
 
 
 def _intraday_day(profile: _Profile, anchors: _Anchors, timeframe: Timeframe, day: dt.date
-                  ) -> list[tuple[int, RawBar]]:
-    """(cost, bar) for every bar of one day, ascending."""
+                  ) -> tuple[list[int], list[RawBar]]:
+    """The bars of one day, ascending, and each one's cost (base minutes it covers).
+
+    The hot loop of the simulator (a profile puts ~70 % of serving here): locals only, one
+    dict per bar built with its final keys, no per-bar calls but the RNG and `exp`. The draw
+    order of the day's RNG is part of the data: change it and every seed's bars change.
+    """
     crypto = profile.crypto
     if not is_trading_day(day, crypto=crypto):
-        return []
+        return [], []
     size = timeframe.multiplier * (60 if timeframe.unit == "h" else 1)
-    layout = _layout(profile, size, day_length_minutes(day) if crypto else 1440)
-    rng = _day_rng(profile, timeframe.label, day)
-    rand = rng.random
+    layout, steps = _layout(profile, size, day_length_minutes(day) if crypto else 1440)
+    rand = _day_rng(profile, timeframe.label, day).random
     first, last = anchors.open_close(day)
     q = _quantum(first)
     vq = 10_000.0 if crypto else 1.0
-    base_volume = profile.volume_per_minute
     trade_size = profile.trade_size
     midnight = et_midnight_ms(day)
 
-    walk, cum = [], 0.0
-    for slot in layout:
-        cum += (rand() - 0.5) * slot[4]
-        walk.append(cum)
+    walk: list[float] = []
+    cum = 0.0
+    append_walk = walk.append
+    for step in steps:
+        cum += (rand() - 0.5) * step
+        append_walk(cum)
     drift = math.log(last / first) - cum  # spread over the day by elapsed variance (bridge)
 
-    out: list[tuple[int, RawBar]] = []
+    costs: list[int] = []
+    bars: list[RawBar] = []
+    add_cost, add_bar = costs.append, bars.append
     exp = math.exp
+    keep_n = 1.0 - OMIT_N_RATE
     prev = int(first * q + 0.5) / q
     for (offset, minutes, p_bar, volume, step, elapsed), w in zip(layout, walk, strict=True):
         price = int(first * exp(w + drift * elapsed) * q + 0.5) / q
@@ -256,14 +295,21 @@ def _intraday_day(profile: _Profile, anchors: _Anchors, timeframe: Timeframe, da
             low = int((lo - wick * rand()) * q + 0.5) / q
             if low <= 0.0:
                 low = lo
-            v = int(base_volume * volume * (0.3 + 1.4 * rand()) * vq + 1.0) / vq
+            v = int(volume * (0.3 + 1.4 * rand()) * vq + 1.0) / vq
             vw = int((low + (h - low) * (0.2 + 0.6 * rand())) * 10_000 + 0.5) / 10_000
-            bar: RawBar = {"v": v, "vw": vw, "o": o, "c": c, "h": h, "l": low,
-                           "t": midnight + offset, "n": int(v / trade_size) + 1}
-            _omit(bar, r / p_bar)  # r / p_bar: uniform in [0, 1), whichever buckets trade
-            out.append((minutes, bar))
+            flag = r / p_bar  # uniform in [0, 1), whichever buckets trade: see _omit
+            if flag < OMIT_VW_RATE:
+                add_bar({"v": v, "o": o, "c": c, "h": h, "l": low, "t": midnight + offset,
+                         "n": int(v / trade_size) + 1})
+            elif flag >= keep_n:
+                add_bar({"v": v, "vw": vw, "o": o, "c": c, "h": h, "l": low,
+                         "t": midnight + offset})
+            else:
+                add_bar({"v": v, "vw": vw, "o": o, "c": c, "h": h, "l": low,
+                         "t": midnight + offset, "n": int(v / trade_size) + 1})
+            add_cost(minutes)
         prev = price
-    return out
+    return costs, bars
 
 
 def _daily_bar(profile: _Profile, anchors: _Anchors, day: dt.date) -> RawBar | None:
@@ -337,73 +383,117 @@ def _bucket_starts(timeframe: Timeframe, first_day: dt.date, last_day: dt.date, 
             first = _next_bucket(timeframe, first)
 
 
-def _series(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int,
-            *, descending: bool = False) -> Iterator[tuple[int, RawBar]]:
-    """(cost, bar) for every bar with from_ms <= t <= to_ms; cost counts base aggregates."""
+def _chunks(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int,
+            *, descending: bool = False, adjust: Adjustment = NO_ADJUSTMENT
+            ) -> Iterator[tuple[list[int], list[RawBar]]]:
+    """(costs, bars) in order for every bar with from_ms <= t <= to_ms, a day at a time.
+
+    A cost counts the base aggregates of its bar (see `page`). Intraday chunks are whole ET
+    days, cut only at the ends of the range; split factors change only at ET midnights, so a
+    day's bars share one factor.
+    """
     if to_ms < from_ms:
         return
     profile = _profile(seed, ticker)
-    anchors = _Anchors(profile)
+    anchors = _anchors(profile)
     first_day, last_day = et_date(from_ms), et_date(to_ms)
     if timeframe.intraday:
         ordinals = range(first_day.toordinal(), last_day.toordinal() + 1)
         for ordinal in reversed(ordinals) if descending else ordinals:
-            bars = _intraday_day(profile, anchors, timeframe, dt.date.fromordinal(ordinal))
+            day = dt.date.fromordinal(ordinal)
+            costs, bars = _intraday_day(profile, anchors, timeframe, day)
+            if not bars:
+                continue
+            if bars[0]["t"] < from_ms or bars[-1]["t"] > to_ms:  # a day at an end of the range
+                kept = [i for i, b in enumerate(bars) if from_ms <= b["t"] <= to_ms]
+                costs, bars = [costs[i] for i in kept], [bars[i] for i in kept]
+            if adjust and (factor := adjust.factor(et_midnight_ms(day))) != 1.0:
+                bars = [scale_bar(b, factor) for b in bars]
             if descending:
+                costs.reverse()
                 bars.reverse()
-            for item in bars:
-                if from_ms <= item[1]["t"] <= to_ms:
-                    yield item
+            if bars:
+                yield costs, bars
         return
     for start in _bucket_starts(timeframe, first_day, last_day, descending=descending):
         t = et_midnight_ms(start)
         if not from_ms <= t <= to_ms:
             continue
         if timeframe == _DAILY:
-            bar = _daily_bar(profile, anchors, start)
-            if bar is not None:
-                yield 1, bar
+            daily = _daily_bar(profile, anchors, start)
+            if daily is not None:
+                yield [1], [_scaled(daily, adjust) if adjust else daily]
             continue
         end = _next_bucket(timeframe, start)
-        days = [b for i in range((end - start).days)
+        days = [_scaled(b, adjust) if adjust else b for i in range((end - start).days)
                 if (b := _daily_bar(profile, anchors, start + dt.timedelta(days=i)))]
         if days:
-            yield len(days), _aggregate(profile, timeframe.label, start, days)
+            yield [len(days)], [_aggregate(profile, timeframe.label, start, days)]
 
 
-def bars_between(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int
-                 ) -> Iterator[RawBar]:
+def _scaled(bar: RawBar, adjust: Adjustment) -> RawBar:
+    factor = adjust.factor(int(bar["t"]))
+    return bar if factor == 1.0 else scale_bar(bar, factor)
+
+
+def _series(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int,
+            *, descending: bool = False, adjust: Adjustment = NO_ADJUSTMENT
+            ) -> Iterator[RawBar]:
+    """Every bar with from_ms <= t <= to_ms, in order (`_chunks` without the costs)."""
+    for _, bars in _chunks(seed, ticker, timeframe, from_ms, to_ms, descending=descending,
+                           adjust=adjust):
+        yield from bars
+
+
+def bars_between(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int, *,
+                 splits: Iterable[Split] = (), adjusted: bool = True) -> Iterator[RawBar]:
     """Every bar with `from_ms <= t <= to_ms`, ascending, generated lazily one day at a time.
 
     Each bar is a dict with `v vw o c h l t n` (`vw`/`n` sometimes absent), exactly what the
-    simulator puts in `results`.
+    simulator puts in `results` for a request with this `adjusted` while `splits` (the
+    simulator's splits of any tickers, visible and hidden) are registered.
     """
-    for _, bar in _series(seed, ticker, timeframe, from_ms, to_ms):
-        yield bar
+    yield from _series(seed, ticker, timeframe, from_ms, to_ms,
+                       adjust=adjustment(splits, ticker, adjusted=adjusted))
 
 
-def ground_truth(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int
-                 ) -> list[RawBar]:
+def ground_truth(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int, *,
+                 splits: Iterable[Split] = (), adjusted: bool = True) -> list[RawBar]:
     """`bars_between` as a list: what a complete, exact backfill must hold."""
-    return list(bars_between(seed, ticker, timeframe, from_ms, to_ms))
+    return list(bars_between(seed, ticker, timeframe, from_ms, to_ms, splits=splits,
+                             adjusted=adjusted))
 
 
 def page_with_count(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int,
-                    limit: int, *, descending: bool = False
+                    limit: int, *, descending: bool = False, splits: Iterable[Split] = (),
+                    adjusted: bool = True, adjust: Adjustment | None = None
                     ) -> tuple[list[RawBar], int | None, int]:
-    """`page`, plus the number of base aggregates it covers (the API's `queryCount`)."""
+    """`page`, plus the number of base aggregates it covers (the API's `queryCount`).
+
+    `adjust`: the factors already computed from `splits` and `adjusted` (which it overrides).
+    """
     bars: list[RawBar] = []
     used = 0
-    for cost, bar in _series(seed, ticker, timeframe, from_ms, to_ms, descending=descending):
-        if bars and used + cost > limit:
-            return bars, int(bar["t"]), used
-        bars.append(bar)
-        used += cost
+    if adjust is None:
+        adjust = adjustment(splits, ticker, adjusted=adjusted)
+    for costs, chunk in _chunks(seed, ticker, timeframe, from_ms, to_ms, descending=descending,
+                                adjust=adjust):
+        total = sum(costs)
+        if used + total <= limit:  # the whole day fits (the common case: no per-bar work)
+            bars += chunk
+            used += total
+            continue
+        for cost, bar in zip(costs, chunk, strict=True):
+            if bars and used + cost > limit:
+                return bars, int(bar["t"]), used
+            bars.append(bar)
+            used += cost
     return bars, None, used
 
 
 def page(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int, limit: int,
-         *, descending: bool = False) -> tuple[list[RawBar], int | None]:
+         *, descending: bool = False, splits: Iterable[Split] = (), adjusted: bool = True
+         ) -> tuple[list[RawBar], int | None]:
     """One page of at most `limit` base aggregates, and where the next page starts.
 
     `limit` counts base aggregates as the API does: session minutes for minute and hour bars (a
@@ -413,5 +503,5 @@ def page(seed: int, ticker: str, timeframe: Timeframe, from_ms: int, to_ms: int,
     when this is the last page; every non-last page is non-empty.
     """
     bars, next_ms, _ = page_with_count(seed, ticker, timeframe, from_ms, to_ms, limit,
-                                       descending=descending)
+                                       descending=descending, splits=splits, adjusted=adjusted)
     return bars, next_ms

@@ -1,14 +1,38 @@
-"""The Polygon/Massive aggregates API, simulated on daemon.httpserver.
+"""The Polygon/Massive API, simulated on daemon.httpserver.
 
-Serves `GET /v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}` with the real
-API's query parameters, body shape, `next_url` pagination (absolute, a `cursor`, no key), auth
-(`apiKey` or `Authorization: Bearer`), a sliding-window rate limit per key with the real 429
-body, and injected faults, so the daemon can be tested against everything the real service does
-without a network or a subscription. `GET /__stats` returns counters for tests and the demo.
+What is served:
+
+    GET /v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}   aggregates
+    GET /v3/reference/splits                      the visible splits (daemon.simulator.reference)
+    GET /__stats                                  counters (SimulatorStatistics) as JSON
+        /__control/...                            scripting the run (daemon.simulator.control)
+
+Aggregates come with the real API's query parameters, body shape and `next_url` pagination
+(absolute, a `cursor`, no key); both API paths take the key as `apiKey` or
+`Authorization: Bearer`, count against a sliding-window rate limit per key with the real 429
+body, and may fail on purpose. So the daemon can be tested against everything the real service
+does without a network or a subscription.
+
+What an API request meets, in this order (the first that applies answers):
+
+    1. an outage window (options or POST /__control/outage): nginx 503, at once, before
+       anything else, as when the service behind the load balancer is down
+    2. latency (`latency_ms`), then 404 for an unknown path or method
+    3. auth: 401 without a key or, when `api_key` is set, with another ("Unknown API Key")
+    4. the rate limit: 429 with Retry-After (unless `retry_after=False`)
+    5. bad parameters: 400 (404 for an impossible ticker)
+    6. entitlement (aggregates only): 403 NOT_AUTHORIZED "not entitled" for the tickers and
+       timespans of `not_entitled`/`not_entitled_timespans`; the key works for the rest
+    7. an injected fault (daemon.simulator.faults), at `fault_rate`
+    8. the answer. Aggregates: bars from daemon.simulator.data scaled for the ticker's splits
+       (adjusted=true: the hidden ones only; false: all), then spoiled at the ticker's defect
+       rate (daemon.simulator.defects); the rendered `results` come from a byte-bounded LRU
+       cache keyed by everything that shapes them, and each answer gets its own request_id.
 
 Determinism: bars come from daemon.simulator.data (pure functions of seed and time); latency
-and faults come from the seed and the request's sequence number, and all waiting uses
-`trio.sleep` / `trio.current_time`, so trio's MockClock drives them in tests.
+and faults come from the seed and the request's sequence number; defects from seed, ticker,
+timeframe and t. All waiting and every window uses `trio.sleep` / `trio.current_time`, so
+trio's MockClock drives them in tests.
 
 Error handling: every request gets a well-formed answer or a deliberate fault; a handler bug
 becomes a 500 from daemon.httpserver and the simulator goes on serving.
@@ -16,7 +40,6 @@ becomes a 500 from daemon.httpserver and the simulator goes on serving.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import collections
 import datetime as dt
@@ -31,16 +54,48 @@ from functools import partial
 from urllib.parse import parse_qsl, quote, urlencode
 
 import attrs
+import msgspec
 import trio
 from loguru import logger
 
-from ..httpserver import Request, Response, serve_http
+from ..httpserver import Hijack, Request, Response, serve_http
 from ..market_calendar import et_midnight_ms, is_crypto, latest_bar_start_ms
 from ..timeframes import Timeframe
+from .cache import ByteLRU, CacheStatistics
+from .control import PREFIX as CONTROL_PREFIX
+from .control import handle_control
 from .data import page_with_count
+from .defects import DEFECT_KINDS, spoil
+from .faults import (
+    ALL_FAULT_KINDS,
+    FAULT_KINDS,
+    NOT_ENTITLED_MESSAGE,
+    OPT_IN_FAULT_KINDS,
+    RATE_LIMIT_ERROR,
+    choose_fault,
+    fault_response,
+    html_error,
+    truncated,
+)
+from .options import (
+    DEFAULT_PORT,
+    WINDOW_SECONDS,
+    SimulatorOptions,
+    add_simulate_arguments,
+    options_from_args,
+)
+from .reference import list_splits
+from .scenario import Scenario
 
 __all__ = [
+    "ALL_FAULT_KINDS",
+    "DEFAULT_PORT",
     "FAULT_KINDS",
+    "NOT_ENTITLED_MESSAGE",
+    "OPT_IN_FAULT_KINDS",
+    "PATH_KINDS",
+    "RATE_LIMIT_ERROR",
+    "WINDOW_SECONDS",
     "Simulator",
     "SimulatorOptions",
     "SimulatorStatistics",
@@ -50,19 +105,15 @@ __all__ = [
     "serve_simulator",
 ]
 
-DEFAULT_PORT = 8765
 DEFAULT_LIMIT = 5000
 MAX_LIMIT = 50_000
-# The rate-limit window. A fractional rate (2.5/min) becomes 2 requests per 48 s, same rate.
-WINDOW_SECONDS = 60.0
 # Forget idle keys' windows once this many keys are tracked (bounded memory under key spray).
 MAX_TRACKED_KEYS = 1024
-FAULT_KINDS = ("http_500", "http_502", "http_503", "truncated", "null_results", "dropped",
-               "spurious_429")
-RATE_LIMIT_ERROR = (
-    "You've exceeded the maximum requests per minute, please wait or upgrade your subscription "
-    "to continue. https://polygon.io/pricing"
-)
+SPLITS_PATH = "/v3/reference/splits"
+# How /__stats groups requests by path.
+PATH_KINDS = ("aggs", "splits", "stats", "control", "other")
+# Bytes a cached page costs beyond its results (key, bookkeeping): keeps tiny pages honest.
+_ENTRY_OVERHEAD = 256
 _AGGS_PATH = re.compile(
     r"^/v2/aggs/ticker/(?P<ticker>.+)/range/(?P<multiplier>[^/]+)/(?P<timespan>[^/]+)"
     r"/(?P<from>[^/]+)/(?P<to>[^/]+)/?$"
@@ -71,44 +122,6 @@ _AGGS_PATH = re.compile(
 _TICKER = re.compile(r"^[A-Za-z0-9:._/-]{1,40}$")
 _TIMESPAN_UNIT = {"minute": "m", "hour": "h", "day": "d", "week": "w", "month": "mo"}
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_HTML_PAGE = (
-    "<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n"
-    "<center><h1>{code} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
-    "</body>\r\n</html>\r\n"
-)
-_REASONS = {
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Temporarily Unavailable",
-}
-
-
-def _latency(value: tuple[float, float] | list[float]) -> tuple[float, float]:
-    low, high = value
-    return float(low), float(high)
-
-
-@attrs.frozen
-class SimulatorOptions:
-    """How the simulator behaves. `now_ms=None` follows the wall clock."""
-
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    requests_per_minute: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
-    latency_ms: tuple[float, float] = attrs.field(default=(0.0, 0.0), converter=_latency)
-    fault_rate: float = attrs.field(
-        default=0.0, validator=[attrs.validators.ge(0), attrs.validators.le(1)])
-    seed: int = 1
-    api_key: str | None = None  # None: any non-empty key is accepted
-    retry_after: bool = True  # send Retry-After on 429 (the real API may not)
-    now_ms: int | None = None  # no bar at or after this instant (or before its session) exists
-    # The sliding window the rate is counted over: the real API's minute, or shorter so a test
-    # meets 429s within seconds rather than a minute.
-    window_seconds: float = attrs.field(default=WINDOW_SECONDS, validator=attrs.validators.gt(0))
-
-    @latency_ms.validator
-    def _check_latency(self, _: attrs.Attribute[tuple[float, float]],
-                       value: tuple[float, float]) -> None:
-        if not 0 <= value[0] <= value[1]:
-            raise ValueError(f"latency_ms must be (low, high) with 0 <= low <= high: {value}")
 
 
 @attrs.frozen
@@ -116,18 +129,26 @@ class SimulatorStatistics:
     """Everything served so far. `requests` counts every API request, answered or not."""
 
     requests: int = 0
-    ok: int = 0  # complete pages served
+    ok: int = 0  # complete answers served (aggregates pages and splits pages)
     bars_served: int = 0
     bytes_served: int = 0
     rate_limited: int = 0  # 429s from the window (spurious ones count under faults)
-    unauthorized: int = 0
+    unauthorized: int = 0  # 401s: no key or a wrong one
     not_found: int = 0
     bad_request: int = 0
     faults_total: int = 0
+    not_entitled: int = 0  # 403s for tickers/timespans outside the plan
+    outage: int = 0  # 503s answered because an outage window was open
+    defects_served: int = 0  # defective bars in answers (one per spoiled bar)
+    splits_requests: int = 0  # requests to /v3/reference/splits
     faults: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
+    defects: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(DEFECT_KINDS, 0))
+    requests_by_path: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(PATH_KINDS, 0))
+    cache: CacheStatistics = CacheStatistics(0, 0, 0, 0, 0, 0)
 
 
-_COUNTERS = tuple(a.name for a in attrs.fields(SimulatorStatistics) if a.name != "faults")
+_COUNTERS = tuple(a.name for a in attrs.fields(SimulatorStatistics)
+                  if a.name not in ("faults", "defects", "requests_by_path", "cache"))
 
 
 class _BadRequest(Exception):
@@ -141,6 +162,7 @@ class _BadRequest(Exception):
 @attrs.frozen
 class _Query:
     ticker: str
+    timespan: str
     timeframe: Timeframe
     from_ms: int
     to_ms: int
@@ -149,14 +171,33 @@ class _Query:
     limit: int
 
 
+@attrs.frozen
+class _Page:
+    """A rendered aggregates page: what the cache keeps (all but the per-answer envelope)."""
+
+    results: bytes  # the JSON array, as served
+    count: int  # bars in `results`
+    used: int  # base aggregates covered (queryCount)
+    next_ms: int | None
+    defects: tuple[tuple[str, int], ...]
+
+
 class Simulator:
-    """The request handler and its state: rate windows, counters, the fault sequence."""
+    """The request handler and its state: rate windows, counters, faults, scenario, cache.
+
+    Construct inside trio: the outage windows of the options count from `trio.current_time()`
+    at construction.
+    """
 
     def __init__(self, options: SimulatorOptions) -> None:
         self.options = options
         self.port = options.port  # the bound port, once serving (options.port may be 0)
+        self.scenario = Scenario(options, trio.current_time())
         self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._faults = dict.fromkeys(FAULT_KINDS, 0)
+        self._faults = dict.fromkeys(options.fault_kinds, 0)
+        self._defects = dict.fromkeys(DEFECT_KINDS, 0)
+        self._by_path = dict.fromkeys(PATH_KINDS, 0)
+        self._cache: ByteLRU[_Page] = ByteLRU(options.cache_bytes)
         self._windows: dict[str, collections.deque[float]] = {}
         self._latency_rng = random.Random(options.seed)
         self._sequence = 0  # requests that reached the fault stage
@@ -170,7 +211,10 @@ class Simulator:
 
     def statistics(self) -> SimulatorStatistics:
         """A snapshot of the counters."""
-        return SimulatorStatistics(**self._counts, faults=dict(self._faults))
+        return SimulatorStatistics(**self._counts, faults=dict(self._faults),
+                                   defects=dict(self._defects),
+                                   requests_by_path=dict(self._by_path),
+                                   cache=self._cache.statistics())
 
     def _count(self, **increments: int) -> None:
         for name, value in increments.items():
@@ -181,18 +225,83 @@ class Simulator:
         return hashlib.blake2b(f"{self.options.seed}|id|{self._ids}".encode(),
                                digest_size=16).hexdigest()
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response | Hijack:
         """Answer one request (the daemon.httpserver handler)."""
-        if request.path == "/__stats":
+        path = request.path
+        if path == "/__stats":
+            self._by_path["stats"] += 1
             return Response.json(attrs.asdict(self.statistics()))
+        if path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/"):
+            self._by_path["control"] += 1
+            return handle_control(self.scenario, request, trio.current_time())
+        match = _AGGS_PATH.match(path)
+        kind = "aggs" if match else "splits" if path.rstrip("/") == SPLITS_PATH else "other"
+        self._by_path[kind] += 1
+        self._count(requests=1)
+        if kind == "splits":
+            self._count(splits_requests=1)
+        if self.scenario.in_outage(trio.current_time()):
+            self._count(outage=1)
+            retry = self.options.outage_retry_after
+            return html_error(503, {"retry-after": str(retry)} if retry is not None else None)
         low, high = self.options.latency_ms
         if high > 0:
             await trio.sleep(self._latency_rng.uniform(low, high) / 1000)
-        self._count(requests=1)
-        match = _AGGS_PATH.match(request.path)
-        if match is None or request.method not in ("GET", "HEAD"):
+        if kind == "other" or request.method not in ("GET", "HEAD"):
             self._count(not_found=1)
             return self._error(404, "NOT_FOUND", "Not found")
+        refused = self._authorize(request)
+        if refused is not None:
+            return refused
+        host = request.headers.get("host")
+        if kind == "splits":
+            return self._splits(request.query, host)
+        assert match is not None
+        try:
+            query = _parse_query(match, request.query)
+        except _BadRequest as exc:
+            if exc.status == 404:
+                self._count(not_found=1)
+                return self._error(404, "NOT_FOUND", str(exc))
+            return self._bad_request(str(exc))
+        if self.options.refuses(query.ticker, query.timespan):
+            self._count(not_entitled=1)
+            return self._error(403, "NOT_AUTHORIZED", NOT_ENTITLED_MESSAGE)
+        fault = self._next_fault()
+        if fault is not None and fault != "truncated":
+            return fault_response(fault, self._request_id, {
+                "ticker": query.ticker, "queryCount": 0, "resultsCount": 0,
+                "adjusted": query.adjusted, "results": None, "status": "OK", "request_id": "",
+                "count": 0})
+        page = self._page(query)
+        body: dict[str, object] = {
+            "ticker": query.ticker,
+            "queryCount": page.used,
+            "resultsCount": page.count,
+            "adjusted": query.adjusted,
+        }
+        if page.count:
+            body["results"] = msgspec.Raw(page.results)
+        body["status"] = "OK"
+        body["request_id"] = self._request_id()
+        body["count"] = page.count
+        if page.next_ms is not None:
+            body["next_url"] = self._next_url(query, page.next_ms, host)
+        return self._complete(Response.json(body), fault, bars=page.count, defects=page.defects)
+
+    def _complete(self, response: Response, fault: str | None, *, bars: int = 0,
+                  defects: tuple[tuple[str, int], ...] = ()) -> Response | Hijack:
+        """Send `response` whole, or cut off when the fault drawn for it is `truncated`."""
+        if fault == "truncated":
+            return truncated(response, self.options.seed, self._sequence)
+        self._count(ok=1, bars_served=bars, bytes_served=len(response.body))
+        for name, n in defects:
+            self._defects[name] += n
+            self._count(defects_served=n)
+        return response
+
+    def _authorize(self, request: Request) -> Response | None:
+        """None when the key is good and the rate allows the request, else the refusal."""
         key = _api_key(request)
         if not key:
             self._count(unauthorized=1)
@@ -208,32 +317,16 @@ class Simulator:
             headers = {"retry-after": str(retry_after)} if self.options.retry_after else {}
             return Response.json({"status": "ERROR", "request_id": self._request_id(),
                                   "error": RATE_LIMIT_ERROR}, 429, headers)
-        try:
-            query = _parse_query(match, request.query)
-        except _BadRequest as exc:
-            if exc.status == 404:
-                self._count(not_found=1)
-                return self._error(404, "NOT_FOUND", str(exc))
-            self._count(bad_request=1)
-            return Response.json({"status": "ERROR", "request_id": self._request_id(),
-                                  "error": str(exc)}, 400)
-        fault = self._next_fault()
-        if fault is not None and fault != "truncated":
-            return self._fault(fault, query)
-        body, bars = self._aggs_body(query, request.headers.get("host"))
-        response = Response.json(body)
-        if fault == "truncated":
-            cut = hashlib.blake2b(f"{self.options.seed}|cut|{self._sequence}".encode(),
-                                  digest_size=4).digest()
-            response.truncate_at = 1 + int.from_bytes(cut, "little") % max(
-                1, len(response.body) - 1)
-            return response
-        self._count(ok=1, bars_served=bars, bytes_served=len(response.body))
-        return response
+        return None
 
     def _error(self, status: int, kind: str, message: str) -> Response:
         return Response.json(
             {"status": kind, "request_id": self._request_id(), "message": message}, status)
+
+    def _bad_request(self, message: str) -> Response:
+        self._count(bad_request=1)
+        return Response.json({"status": "ERROR", "request_id": self._request_id(),
+                              "error": message}, 400)
 
     def _admit(self, key: str) -> int | None:
         """None when `key` may make a request now (and count it), else Retry-After seconds."""
@@ -258,70 +351,73 @@ class Simulator:
 
     def _next_fault(self) -> str | None:
         self._sequence += 1
-        if self.options.fault_rate <= 0:
-            return None
-        digest = hashlib.blake2b(f"{self.options.seed}|fault|{self._sequence}".encode(),
-                                 digest_size=8).digest()
-        if int.from_bytes(digest[:4], "little") / 2**32 >= self.options.fault_rate:
-            return None
-        kind = FAULT_KINDS[int.from_bytes(digest[4:], "little") % len(FAULT_KINDS)]
-        self._faults[kind] += 1
-        self._count(faults_total=1)
+        kind = choose_fault(self.options.seed, self._sequence, self.options.fault_rate,
+                            self.options.fault_kinds)
+        if kind is not None:
+            self._faults[kind] += 1
+            self._count(faults_total=1)
         return kind
 
-    def _fault(self, kind: str, query: _Query) -> Response:
-        if kind.startswith("http_"):
-            code = int(kind[5:])
-            html = _HTML_PAGE.format(code=code, reason=_REASONS[code])
-            return Response.text(html, code, "text/html")
-        if kind == "dropped":
-            return Response(drop=True)
-        if kind == "spurious_429":
-            return Response.json({"status": "ERROR", "request_id": self._request_id(),
-                                  "error": RATE_LIMIT_ERROR}, 429)
-        return Response.json({"ticker": query.ticker, "queryCount": 0, "resultsCount": 0,
-                              "adjusted": True, "results": None, "status": "OK",
-                              "request_id": self._request_id(), "count": 0})
+    # --- aggregates -----------------------------------------------------------------------
 
-    def _aggs_body(self, query: _Query, host: str | None) -> tuple[dict[str, object], int]:
+    def _page(self, query: _Query) -> _Page:
+        """The page `query` asks for now: from the cache, or generated, spoiled and encoded."""
         now_ms = self.options.now_ms
         if now_ms is None:
             now_ms = int(time.time() * 1000)
         # A bar exists once a session minute inside it has begun: no daily bar at 01:00 ET.
         newest = latest_bar_start_ms(query.timeframe, now_ms - 1, crypto=is_crypto(query.ticker))
         to_ms = min(query.to_ms, newest)
+        adjust = self.scenario.adjustment(query.ticker, adjusted=query.adjusted)
+        rate = self.scenario.defect_rate(query.ticker)
+        key = (query, to_ms, adjust.key, rate)
+        page = self._cache.get(key)
+        if page is not None:
+            return page
         bars, next_ms, used = page_with_count(
             self.options.seed, query.ticker, query.timeframe, query.from_ms, to_ms,
-            query.limit, descending=query.descending)
-        body: dict[str, object] = {
-            "ticker": query.ticker,
-            "queryCount": used,
-            "resultsCount": len(bars),
-            "adjusted": query.adjusted,
-        }
-        if bars:
-            body["results"] = bars
-        body["status"] = "OK"
-        body["request_id"] = self._request_id()
-        body["count"] = len(bars)
-        if next_ms is not None:
-            body["next_url"] = self._next_url(query, next_ms, host)
-        return body, len(bars)
+            query.limit, descending=query.descending, adjust=adjust)
+        served, counts = spoil(bars, self.options.seed, query.ticker, query.timeframe, rate,
+                               from_ms=query.from_ms, to_ms=query.to_ms,
+                               descending=query.descending)
+        page = _Page(msgspec.json.encode(served), len(served), used, next_ms,
+                     tuple(sorted(counts.items())))
+        self._cache.put(key, page, len(page.results) + _ENTRY_OVERHEAD)
+        return page
 
-    def _next_url(self, query: _Query, next_ms: int, host: str | None) -> str:
+    def _base(self, host: str | None) -> str:
         if not host:
             name = self.options.host
             host = f"[{name}]:{self.port}" if ":" in name else f"{name}:{self.port}"
+        return f"http://{host}"
+
+    def _next_url(self, query: _Query, next_ms: int, host: str | None) -> str:
         tf = query.timeframe
-        span = next(k for k, v in _TIMESPAN_UNIT.items() if v == tf.unit)
         from_ms, to_ms = (query.from_ms, next_ms) if query.descending else (next_ms, query.to_ms)
         cursor = base64.urlsafe_b64encode(urlencode({
             "adjusted": "true" if query.adjusted else "false",
             "limit": query.limit,
             "sort": "desc" if query.descending else "asc",
         }).encode()).decode().rstrip("=")
-        return (f"http://{host}/v2/aggs/ticker/{quote(query.ticker, safe=':.-')}/range/"
-                f"{tf.multiplier}/{span}/{from_ms}/{to_ms}?cursor={cursor}")
+        return (f"{self._base(host)}/v2/aggs/ticker/{quote(query.ticker, safe=':.-')}/range/"
+                f"{tf.multiplier}/{query.timespan}/{from_ms}/{to_ms}?cursor={cursor}")
+
+    # --- reference ------------------------------------------------------------------------
+
+    def _splits(self, params: dict[str, str], host: str | None) -> Response | Hijack:
+        try:
+            page = list_splits(self.scenario.splits(), params)
+        except ValueError as exc:
+            return self._bad_request(str(exc))
+        fault = self._next_fault()
+        if fault is not None and fault != "truncated":
+            return fault_response(fault, self._request_id,
+                                  {"results": None, "status": "OK", "request_id": ""})
+        body: dict[str, object] = {"results": page.results, "status": "OK",
+                                   "request_id": self._request_id()}
+        if page.cursor is not None:
+            body["next_url"] = f"{self._base(host)}{SPLITS_PATH}?cursor={page.cursor}"
+        return self._complete(Response.json(body), fault)
 
 
 def _api_key(request: Request) -> str:
@@ -377,6 +473,7 @@ def _parse_query(match: re.Match[str], params: dict[str, str]) -> _Query:
         raise _BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return _Query(
         ticker=ticker,
+        timespan=match["timespan"],
         timeframe=Timeframe(int(match["multiplier"]), unit),
         from_ms=_parse_time(match["from"], "from", end=False),
         to_ms=_parse_time(match["to"], "to", end=True),
@@ -398,7 +495,8 @@ async def serve_simulator(
     simulator = Simulator(options)
     async with trio.open_nursery() as nursery:
         simulator.port = await nursery.start(
-            partial(serve_http, simulator.handle, options.host, options.port))
+            partial(serve_http, simulator.handle, options.host, options.port,
+                    max_connections=options.max_connections))
         task_status.started(simulator.port)
 
 
@@ -426,76 +524,19 @@ def run_simulator(options: SimulatorOptions) -> None:
                 "fault rate {:g}, {})", host, port, options.seed,
                 options.requests_per_minute or "unlimited", low, high, options.fault_rate,
                 "api key required" if options.api_key else "any api key")
+            scripted = {
+                "not entitled": ",".join(sorted(options.not_entitled)) or None,
+                "not entitled timespans": ",".join(sorted(options.not_entitled_timespans))
+                or None,
+                "outages": options.outages or None,
+                "defects": options.defects or None,
+                "splits": ", ".join(f"{s.ticker} {s.execution_date} {s.split_from:g}:"
+                                    f"{s.split_to:g}{' hidden' if s.hidden else ''}"
+                                    for s in options.splits) or None,
+            }
+            for name, value in scripted.items():
+                if value is not None:
+                    logger.info("simulator {}: {}", name, value)
 
     trio.run(main)
     logger.info("simulator stopped")
-
-
-def _parse_latency(text: str) -> tuple[float, float]:
-    low, sep, high = text.partition("-")
-    try:
-        values = (float(low), float(high if sep else low))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected A-B in ms, e.g. 2000-4000: {text!r}") from None
-    if not 0 <= values[0] <= values[1]:
-        raise argparse.ArgumentTypeError(f"expected 0 <= A <= B: {text!r}")
-    return values
-
-
-def _parse_now(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected Unix ms or an ISO date/time, e.g. 2024-06-01T16:00-04:00: {text!r}"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return int(moment.timestamp() * 1000)
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a probability from 0 to 1: {text!r}")
-    return value
-
-
-def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `backfilld simulate` options."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--requests-per-minute", type=float, default=0.0,
-                        help="per-key rate limit over a sliding minute; 0 = unlimited (default)")
-    parser.add_argument("--latency-ms", type=_parse_latency, default=(0.0, 0.0),
-                        metavar="A-B", help="uniform latency per request in ms (default 0-0)")
-    parser.add_argument("--fault-rate", type=_fraction, default=0.0,
-                        help="probability a request fails on purpose (default 0)")
-    parser.add_argument("--seed", type=int, default=1, help="data and fault seed (default 1)")
-    parser.add_argument("--api-key", default=None,
-                        help="accept only this key (default: any non-empty key)")
-    parser.add_argument("--no-retry-after", dest="retry_after", action="store_false",
-                        help="send 429s without a Retry-After header")
-    parser.add_argument("--window-seconds", type=float, default=WINDOW_SECONDS,
-                        help="sliding window the rate is counted over (default 60)")
-    parser.add_argument("--now", type=_parse_now, default=None, metavar="TIME",
-                        help="freeze 'now' (Unix ms or ISO time): no bars from then on")
-
-
-def options_from_args(args: argparse.Namespace) -> SimulatorOptions:
-    """SimulatorOptions from the parsed `backfilld simulate` arguments."""
-    return SimulatorOptions(
-        host=args.host,
-        port=args.port,
-        requests_per_minute=args.requests_per_minute,
-        latency_ms=args.latency_ms,
-        fault_rate=args.fault_rate,
-        seed=args.seed,
-        api_key=args.api_key,
-        retry_after=args.retry_after,
-        now_ms=args.now,
-        window_seconds=args.window_seconds,
-    )

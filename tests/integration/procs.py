@@ -13,14 +13,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psycopg
 
 from daemon import db
 from daemon.simulator.data import ground_truth
-from daemon.simulator.process import simulator_process
+from daemon.simulator.options import parse_split
+from daemon.simulator.process import control_url, simulator_process
+from daemon.simulator.splits import Split
 from daemon.timeframes import parse_timeframe
 
 _logs = itertools.count()
@@ -92,13 +96,20 @@ def table(database_url: str) -> dict[tuple[str, str], list[Row]]:
     return out
 
 
-def truth(seed: int, symbols: list[str], timeframes: list[str], from_ms: int, to_ms: int
+def truth(seed: int, symbols: list[str], timeframes: list[str], from_ms: int, to_ms: int,
+          *, splits: Sequence[Split | str] = (), adjusted: bool = True,
           ) -> dict[tuple[str, str], list[Row]]:
-    """What the simulator serves for the same series, in the same shape as `table`."""
+    """What the simulator serves for the same series, in the same shape as `table`.
+
+    `splits` as given to the simulator (Split objects or `TICKER:DATE:FROM:TO[:hidden]`), with
+    `hidden` as it is *now* (once one is announced, pass it again visible).
+    """
+    parsed = [s if isinstance(s, Split) else parse_split(s) for s in splits]
     out: dict[tuple[str, str], list[Row]] = {}
     for s in symbols:
         for label in timeframes:
-            bars = ground_truth(seed, s, parse_timeframe(label), from_ms, to_ms)
+            bars = ground_truth(seed, s, parse_timeframe(label), from_ms, to_ms, splits=parsed,
+                                adjusted=adjusted)
             rows = [(b["t"], float(b["o"]), float(b["h"]), float(b["l"]), float(b["c"]),
                      float(b["v"]), b.get("vw"), b.get("n")) for b in bars]
             if rows:
@@ -135,3 +146,32 @@ def wait_until(condition: Callable[[], bool], what: str, *, timeout: float = 60.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
+
+
+# --- scripting the simulator (its options, its control endpoints, its counters) ------------
+
+
+@contextlib.contextmanager
+def scripted_simulator(tmp: Path, **options: Any) -> Iterator[str]:
+    """`simulator`, with any SimulatorOptions knob as a keyword (see `simulate_arguments`).
+
+    E.g. `scripted_simulator(tmp, not_entitled=["AAPL"], outages=[(5, 10)],
+    defects={"MSFT": 0.01}, splits=["NVDA:2024-06-10:1:10:hidden"])`.
+    """
+    with simulator_process(log=tmp / f"simulator-{next(_logs)}.log", **options) as url:
+        yield url
+
+
+def control(base_url: str, what: str, **params: object) -> dict[str, Any]:
+    """POST a simulator control endpoint (e.g. `control(url, "outage", seconds=30)`, or
+    `control(url, "splits/announce", ticker="NVDA")`); its JSON answer. Raises on non-2xx."""
+    reply = httpx.post(control_url(base_url, what, **params), timeout=10)
+    reply.raise_for_status()
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def simulator_stats(base_url: str) -> dict[str, Any]:
+    """The simulator's /__stats counters."""
+    reply = httpx.get(f"{base_url.rstrip('/')}/__stats", timeout=10)
+    reply.raise_for_status()
+    return reply.json()  # type: ignore[no-any-return]
