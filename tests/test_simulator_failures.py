@@ -309,7 +309,7 @@ def test_control_url() -> None:
 
 
 def test_procs_helpers_script_a_child_simulator(tmp_path: Path) -> None:
-    from tests.integration.procs import control, scripted_simulator, simulator_stats, split_truth
+    from tests.integration.procs import control, scripted_simulator, simulator_stats, truth
 
     hidden = "NVDA:2024-01-10:1:10:hidden"
     with scripted_simulator(tmp_path, seed=SEED, splits=[hidden], now="2025-01-01T00:00Z",
@@ -322,11 +322,11 @@ def test_procs_helpers_script_a_child_simulator(tmp_path: Path) -> None:
             return [(b["t"], b["o"], b["h"], b["l"], b["c"], b["v"], b.get("vw"), b.get("n"))
                     for b in body["results"]]
 
-        assert rows(True) == split_truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO,
+        assert rows(True) == truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO,
                                          splits=[hidden])[("NVDA", "1d")]
         assert control(url, "splits/announce", ticker="NVDA")["announced"][0]["hidden"] is False
-        assert rows(True) == split_truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO)[("NVDA", "1d")]
-        assert rows(False) == split_truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO,
+        assert rows(True) == truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO)[("NVDA", "1d")]
+        assert rows(False) == truth(SEED, ["NVDA"], ["1d"], JAN_FROM, JAN_TO,
                                           splits=[hidden], adjusted=False)[("NVDA", "1d")]
         control(url, "outage", seconds=60)
         assert client.get(aggs_path("NVDA", "1d", JAN_FROM, JAN_TO)).status_code == 503
