@@ -16,8 +16,8 @@ How prices move:
   bar on the day's open and close, though not on highs and lows.
 - Week, month and multi-day bars aggregate the 1d bars of their calendar days.
 
-Fidelity to the API (DESIGN.md): `t` is the bucket start in Unix ms UTC; intraday buckets align
-to ET midnight and never cross it (see daemon.market_calendar for the DST rule); equities and
+Fidelity to the API (as Polygon documents it): `t` is the bucket start in Unix ms UTC; intraday
+buckets align to ET midnight and never cross it (see daemon.market_calendar for the DST rule); equities and
 indices have bars only on trading days, 04:00-20:00 ET, where a bucket with no trades has no bar
 (likelier before the open and after the close, and for illiquid tickers); `X:` crypto trades
 every minute of every day. `vw` and `n` are each missing from a deterministic ~2 % of bars.
