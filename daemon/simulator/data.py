@@ -17,10 +17,11 @@ How prices move:
 - Week, month and multi-day bars aggregate the 1d bars of their calendar days.
 
 Fidelity to the API (as Polygon documents it): `t` is the bucket start in Unix ms UTC; intraday
-buckets align to ET midnight and never cross it (see daemon.market_calendar for the DST rule); equities and
-indices have bars only on trading days, 04:00-20:00 ET, where a bucket with no trades has no bar
-(likelier before the open and after the close, and for illiquid tickers); `X:` crypto trades
-every minute of every day. `vw` and `n` are each missing from a deterministic ~2 % of bars.
+buckets align to ET midnight and never cross it (see daemon.market_calendar for the DST rule);
+equities and indices have bars only on trading days, 04:00-20:00 ET, where a bucket with no
+trades has no bar (likelier before the open and after the close, and for illiquid tickers); `X:`
+crypto trades every minute of every day. `vw` and `n` are each missing from a deterministic ~2 %
+of bars.
 
 Splits (daemon.simulator.splits): the series above is the fully adjusted price. Given splits,
 `splits=` and `adjusted=` scale the bars before each split's execution date: raw bars
