@@ -22,6 +22,7 @@ import trio
 from loguru import logger
 
 from . import __version__, db, systemd
+from .breaker import CircuitBreaker
 from .config import Config
 from .log import setup_logging
 from .polygon import PolygonClient
@@ -30,7 +31,6 @@ from .reload import Reloader
 from .retrying import when_available
 from .scheduler import Scheduler
 from .snapshot import Snapshot, SnapshotSource
-from .spans import Spans
 from .status import StatusOptions
 from .systemd import Notifier
 from .timefmt import wall_clock
@@ -46,10 +46,12 @@ class Controls:
     """
 
     def __init__(self, *, reloader: Reloader, notifier: Notifier, limiter: RateLimiter,
-                 scheduler: Scheduler, snapshot: SnapshotSource) -> None:
+                 breaker: CircuitBreaker, scheduler: Scheduler,
+                 snapshot: SnapshotSource) -> None:
         self._reloader = reloader
         self._notifier = notifier
         self._limiter = limiter
+        self._breaker = breaker
         self._scheduler = scheduler
         self._snapshot = snapshot
         self._stop = trio.Event()
@@ -90,6 +92,7 @@ class Controls:
     def _halt(self) -> None:
         self.notify_stopping()
         self._limiter.close()  # the single "no new requests" gate
+        self._breaker.close()  # and whoever waits for the API to come back
         self._scheduler.request_stop()
         self._stop.set()
 
@@ -130,26 +133,38 @@ def build(
     notifier: Notifier | None = None,
     status_options: StatusOptions | None = None,
     today: Callable[[], dt.date] | None = None,
+    max_wait: float | None = None,
 ) -> Parts:
-    """Construct every part for `config` on the database at `db_url` (nothing starts yet)."""
+    """Construct every part for `config` on the database at `db_url` (nothing starts yet).
+
+    `max_wait` (`run --once --max-wait`): give up on an API outage that lasts longer.
+    """
     notifier = notifier or Notifier(None)
     started_at = time.time()
     limiter = RateLimiter(config.polygon.requests_per_minute,
                           max_in_flight=config.polygon.max_in_flight)
-    client = PolygonClient(config.polygon, config.retry, limiter=limiter)
+    retry = config.retry
+    breaker = CircuitBreaker(threshold=retry.breaker_failures,
+                             first_probe_seconds=retry.breaker_probe_seconds,
+                             max_probe_seconds=retry.breaker_max_probe_seconds,
+                             give_up_after=max_wait)
+    client = PolygonClient(config.polygon, config.retry, limiter=limiter, breaker=breaker)
     send, receive = open_writer_channel(config.database.queue_pages)
     writer = Writer(db_url, receive)
 
-    async def read_coverage(symbol: str) -> dict[tuple[str, str], Spans]:
-        return await when_available(db.read_coverage, db_url, symbol)
+    async def read_series_state(symbol: str) -> dict[tuple[str, str], db.SeriesState]:
+        return await when_available(db.read_series_state, db_url, symbol)
 
-    scheduler = Scheduler(config, client, send, coverage=read_coverage, today=today)
+    scheduler = Scheduler(config, client, send, series_state=read_series_state, today=today)
 
     def apply(old: Config, new: Config) -> None:
         del old
         limiter.set_rate(new.polygon.requests_per_minute)
         limiter.set_max_in_flight(new.polygon.max_in_flight)
         client.update(new.polygon, new.retry)
+        breaker.configure(threshold=new.retry.breaker_failures,
+                          first_probe_seconds=new.retry.breaker_probe_seconds,
+                          max_probe_seconds=new.retry.breaker_max_probe_seconds)
         scheduler.update_config(new)
         setup_logging(new.logging.level, new.logging.format)
 
@@ -164,12 +179,13 @@ def build(
             reload=reloader.statistics(),
             api=client.statistics(),
             limiter=limiter.statistics(),
+            breaker=breaker.statistics(),
             writer=writer.statistics(),
             scheduler=scheduler.statistics(),
         )
 
     controls = Controls(reloader=reloader, notifier=notifier, limiter=limiter,
-                        scheduler=scheduler, snapshot=snapshot)
+                        breaker=breaker, scheduler=scheduler, snapshot=snapshot)
     return Parts(config=config, db_url=db_url, notifier=notifier, reloader=reloader,
                  limiter=limiter, client=client, writer=writer, scheduler=scheduler,
                  controls=controls, snapshot=snapshot,

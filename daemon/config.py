@@ -28,6 +28,7 @@ __all__ = [
     "Config",
     "DatabaseConfig",
     "LoggingConfig",
+    "MonitoringConfig",
     "PolygonConfig",
     "RetryConfig",
     "Secret",
@@ -114,6 +115,16 @@ class RetryConfig:
     min_seconds: float = 1.0
     max_seconds: float = 300.0
     jitter: float = 0.0  # extra random wait, as a fraction of the backoff (0.1 = up to +10 %)
+    # The circuit breaker (daemon.breaker): consecutive transient failures that open it, and
+    # the probe interval while open (doubling from the first to the max).
+    breaker_failures: int = 5
+    breaker_probe_seconds: float = 5.0
+    breaker_max_probe_seconds: float = 60.0
+
+
+@attrs.frozen
+class MonitoringConfig:
+    retention_days: float = 90.0  # executions and job results older than this are pruned
 
 
 @attrs.frozen
@@ -144,6 +155,7 @@ class Config:
     status: StatusConfig = StatusConfig()
     logging: LoggingConfig = LoggingConfig()
     staleness: StalenessConfig = StalenessConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     state_dir: Path = Path("~/.local/state/backfilld").expanduser()
     instance: str = "backfilld"
     source: str = "<defaults>"
@@ -266,7 +278,11 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "min_seconds": _number(0, 3600),
         "max_seconds": _number(0, 86_400),
         "jitter": _number(0, 10),
+        "breaker_failures": _integer(1, 1000),
+        "breaker_probe_seconds": _number(0.01, 3600),
+        "breaker_max_probe_seconds": _number(0.01, 86_400),
     },
+    "monitoring": {"retention_days": _number(1, 36_500)},
     "status": {"listen": _listen},
     "logging": {"level": _choice("trace", "debug", "info", "warning", "error"),
                 "format": _choice("text", "json")},
@@ -378,6 +394,9 @@ def _build(values: dict[str, dict[str, Any]], env: Mapping[str, str], source: st
     retry = RetryConfig(**values.get("retry", {}))
     if retry.max_seconds < retry.min_seconds:
         raise _KeyProblem("retry", "max_seconds", "expected a value >= retry.min_seconds")
+    if retry.breaker_max_probe_seconds < retry.breaker_probe_seconds:
+        raise _KeyProblem("retry", "breaker_max_probe_seconds",
+                          "expected a value >= retry.breaker_probe_seconds")
 
     status = StatusConfig()
     if "listen" in values.get("status", {}):
@@ -398,6 +417,7 @@ def _build(values: dict[str, dict[str, Any]], env: Mapping[str, str], source: st
         status=status,
         logging=LoggingConfig(**values.get("logging", {})),
         staleness=staleness,
+        monitoring=MonitoringConfig(**values.get("monitoring", {})),
         state_dir=Path(state_dir or "~/.local/state/backfilld").expanduser(),
         instance=daemon.get("instance") or _default_instance(),
         source=source,

@@ -42,6 +42,7 @@ class ExecutionStatus(enum.StrEnum):
     """`executions.status` of a finished cycle."""
 
     OK = "ok"
+    PARTIAL = "partial"  # everything ran, but a series was refused or bars were quarantined
     FAILED = "failed"
     INTERRUPTED = "interrupted"
 
@@ -60,6 +61,7 @@ class JobSnapshot:
     api_seconds: float = 0.0
     db_seconds: float = 0.0
     pages_written: int = 0
+    quarantined: int = 0
 
     @property
     def done(self) -> bool:
@@ -76,6 +78,10 @@ class JobSnapshot:
     @property
     def cancelled(self) -> bool:
         return self.outcome is JobOutcome.CANCELLED
+
+    @property
+    def not_entitled(self) -> bool:
+        return self.outcome is JobOutcome.NOT_ENTITLED
 
 
 @attrs.frozen
@@ -113,12 +119,23 @@ class CycleSnapshot:
         return [j for j in self.jobs if j.cancelled]
 
     @property
+    def not_entitled(self) -> list[JobSnapshot]:
+        return [j for j in self.jobs if j.not_entitled]
+
+    @property
     def bars_written(self) -> int:
         return sum(j.bars_written for j in self.jobs)
 
     @property
+    def quarantined(self) -> int:
+        return sum(j.quarantined for j in self.jobs)
+
+    @property
     def ok(self) -> bool:
-        return not self.failed and self.auth_error is None
+        """Everything fetched and written: no failure, no refusal, nothing quarantined (what
+        `run --once` exits 0 on)."""
+        return (not self.failed and self.auth_error is None and not self.not_entitled
+                and not self.quarantined)
 
     @property
     def unfinished(self) -> bool:
@@ -128,7 +145,9 @@ class CycleSnapshot:
         """What `executions.status` says: interrupted when anything was cut short."""
         if interrupted or self.cancelled or self.unfinished:
             return ExecutionStatus.INTERRUPTED
-        return ExecutionStatus.OK if self.ok else ExecutionStatus.FAILED
+        if self.failed or self.auth_error is not None:
+            return ExecutionStatus.FAILED
+        return ExecutionStatus.OK if self.ok else ExecutionStatus.PARTIAL
 
 
 @attrs.frozen

@@ -38,7 +38,9 @@ __all__ = [
     "from_ms",
     "load_migrations",
     "pending_migrations",
+    "SeriesState",
     "read_coverage",
+    "read_series_state",
     "spans_of",
     "to_ms",
 ]
@@ -179,20 +181,44 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
     return done
 
 
-def read_coverage(url: str, symbol: str | None = None) -> dict[tuple[str, str], Spans]:
-    """Coverage (of one symbol, or all) keyed by (symbol, timeframe label)."""
+@attrs.frozen
+class SeriesState:
+    """What planning needs to know of a series: what is covered, and a recent refusal."""
+
+    covered: Spans = EMPTY
+    refused_at: float | None = None  # Unix seconds of the last 403 "not entitled"
+    refused_reason: str | None = None
+
+
+_SERIES_STATE = """
+SELECT coalesce(c.symbol, f.symbol), coalesce(c.timeframe, f.timeframe), c.covered,
+       f.refused_at, f.refused_reason
+FROM coverage c
+FULL JOIN (SELECT * FROM series_freshness WHERE refused_at IS NOT NULL) f
+    ON f.symbol = c.symbol AND f.timeframe = c.timeframe
+WHERE %(symbol)s::text IS NULL OR coalesce(c.symbol, f.symbol) = %(symbol)s
+"""
+
+
+def read_series_state(url: str, symbol: str | None = None
+                      ) -> dict[tuple[str, str], SeriesState]:
+    """Coverage and refusals (of one symbol, or all) keyed by (symbol, timeframe label)."""
     with connection(url, autocommit=True) as conn:
         try:
-            rows = conn.execute(
-                "SELECT symbol, timeframe, covered FROM coverage"
-                " WHERE %(symbol)s::text IS NULL OR symbol = %(symbol)s",
-                {"symbol": symbol},
-            ).fetchall()
+            rows = conn.execute(_SERIES_STATE, {"symbol": symbol}).fetchall()
         except psycopg.OperationalError as exc:  # the server went away mid-query
             raise DatabaseUnavailable(f"cannot read coverage: {exc}") from None
         except psycopg.Error as exc:
             raise DatabaseError(f"cannot read coverage: {exc}") from None
-    return {(s, tf): spans_of(covered) for s, tf, covered in rows}
+    return {(s, tf): SeriesState(spans_of(covered),
+                                 None if refused is None else refused.timestamp(), reason)
+            for s, tf, covered, refused, reason in rows}
+
+
+def read_coverage(url: str, symbol: str | None = None) -> dict[tuple[str, str], Spans]:
+    """Coverage (of one symbol, or all) keyed by (symbol, timeframe label)."""
+    return {key: state.covered for key, state in read_series_state(url, symbol).items()
+            if state.covered}
 
 
 def spans_of(multirange: Multirange[int] | None) -> Spans:

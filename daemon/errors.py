@@ -7,13 +7,15 @@ secrets (API keys and database passwords are redacted before an exception is bui
     BackfilldError                          transient?
     ├── ConfigError             bad or unreadable config file; names file, key, line
     ├── ApiError                anything the market-data API did wrong
-    │   ├── ApiAuthError        401/403: the key is wrong or lacks the plan   no
+    │   ├── ApiAuthError        401/403                                        no
+    │   │   ├── ApiKeyRefused   the key is missing, unknown or invalid: all API work stops
+    │   │   └── NotEntitled     the plan lacks this ticker/timespan: that series only
     │   ├── ApiRequestError     other 4xx: our request is wrong                no
+    │   ├── ApiUnavailable      the API stayed down past `run --once --max-wait`  no
     │   ├── RateLimited         429; after Retry-After or backoff              yes
     │   ├── ApiServerError      5xx (often an HTML page)                       yes
     │   ├── ApiTransportError   connect/read failures, timeouts                yes
     │   └── BadResponse         truncated or unparseable body, `"results": null` yes
-    ├── BadData                 well-formed response whose bars fail validation; never written
     ├── DatabaseError           PostgreSQL rejected a statement                no
     │   └── DatabaseUnavailable PostgreSQL cannot be reached (yet)             yes
     └── EmbeddedPostgresError   the embedded server (pgserver) could not start
@@ -30,16 +32,18 @@ import re
 __all__ = [
     "ApiAuthError",
     "ApiError",
+    "ApiKeyRefused",
     "ApiRequestError",
     "ApiServerError",
     "ApiTransportError",
+    "ApiUnavailable",
     "BackfilldError",
-    "BadData",
     "BadResponse",
     "ConfigError",
     "DatabaseError",
     "DatabaseUnavailable",
     "EmbeddedPostgresError",
+    "NotEntitled",
     "RateLimited",
     "redact",
 ]
@@ -91,15 +95,32 @@ class ConfigError(BackfilldError):
 
 
 class ApiError(BackfilldError):
-    """The market-data API failed a request. `status` is the HTTP status when there was one."""
+    """The market-data API failed a request. `status` is the HTTP status when there was one;
+    `retry_after` the seconds the server asked us to wait (429, 503), if it said."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after: float | None = None) -> None:
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message)
 
 
 class ApiAuthError(ApiError):
     """401/403: the API key is missing, wrong, or its plan does not cover the request."""
+
+
+class ApiKeyRefused(ApiAuthError):
+    """The key itself is refused (401, or 403 saying the key is unknown or invalid): every
+    request would be refused the same way, so the instance stops its API work."""
+
+
+class NotEntitled(ApiAuthError):
+    """403 NOT_AUTHORIZED for one ticker or timespan the plan does not cover, while the key
+    works for everything else: that series fails, and is asked again at most once a day."""
+
+
+class ApiUnavailable(ApiError):
+    """The API was unreachable (circuit open) for longer than the caller would wait."""
 
 
 class ApiRequestError(ApiError):
@@ -111,9 +132,9 @@ class RateLimited(ApiError):
 
     transient = True
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        self.retry_after = retry_after
-        super().__init__(message, status=429)
+    def __init__(self, message: str, *, status: int | None = 429,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status=status, retry_after=retry_after)
 
 
 class ApiServerError(ApiError):
@@ -132,10 +153,6 @@ class BadResponse(ApiError):
     """HTTP 200 whose body is cut off, not JSON, not the documented shape, or `results: null`."""
 
     transient = True
-
-
-class BadData(BackfilldError):
-    """A response parsed, but a bar in it is impossible; the page is rejected, nothing written."""
 
 
 class DatabaseError(BackfilldError):

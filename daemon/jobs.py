@@ -39,14 +39,18 @@ class JobOutcome(enum.Enum):
     OK = "ok"
     FAILED = "failed"
     CANCELLED = "cancelled"  # stopped by a stop or a reload that removed the series
+    NOT_ENTITLED = "not_entitled"  # the API plan does not cover this series (403)
 
     @classmethod
     def decide(cls, *, fetch_error: str | None, write_error: str | None,
-               cancelled: bool) -> JobOutcome:
+               cancelled: bool, refused: str | None = None) -> JobOutcome:
         """The one rule. Any error fails the job, even one that was also cancelled: a page the
-        database rejected is a failure whatever happened to the job afterwards."""
+        database rejected is a failure whatever happened to the job afterwards. A series the
+        plan refuses is not a failure of the daemon: it has its own outcome."""
         if fetch_error is not None or write_error is not None:
             return cls.FAILED
+        if refused is not None:
+            return cls.NOT_ENTITLED
         return cls.CANCELLED if cancelled else cls.OK
 
 
@@ -59,6 +63,8 @@ class FetchResult:
         pages: Pages fetched. attempts: HTTP attempts, retries included.
         api_seconds: Wall time spent fetching (token waits and backoff included).
         error: Why fetching failed, or None. cancelled: the job stopped early on purpose.
+        refused: The API's message when it refused the series (not entitled), else None.
+        asked: False when the refusal is a recent one remembered, not a new request.
     """
 
     from_ms: int
@@ -68,6 +74,12 @@ class FetchResult:
     api_seconds: float = 0.0
     error: str | None = None
     cancelled: bool = False
+    refused: str | None = None
+    asked: bool = True
+
+    def outcome(self, write_error: str | None) -> JobOutcome:
+        return JobOutcome.decide(fetch_error=self.error, write_error=write_error,
+                                 cancelled=self.cancelled, refused=self.refused)
 
 
 @attrs.define(eq=False)
@@ -82,6 +94,7 @@ class Receipt:
     execution_id: uuid.UUID | None = None
     bars_written: int = 0
     pages_written: int = 0
+    bars_quarantined: int = 0
     db_seconds: float = 0.0
     write_error: str | None = None
     outcome: JobOutcome | None = None

@@ -67,30 +67,39 @@ ON CONFLICT (symbol, timeframe) DO UPDATE SET
 """
 # GREATEST and COALESCE skip nulls: a failed job leaves the success columns as they were, a
 # successful one leaves the last error (with its time) for the operator to see.
+# A refusal asked anew sets refused_at (the once-a-day clock); one remembered leaves it; a
+# success clears it.
 _FRESHNESS_DONE = """
 INSERT INTO series_freshness AS f
     (symbol, timeframe, last_success_at, checked_through, last_attempt_at, last_error,
-     last_error_at)
+     last_error_at, refused_at, refused_reason)
 VALUES (%(symbol)s, %(timeframe)s,
         CASE WHEN %(ok)s THEN now() END,
         CASE WHEN %(ok)s THEN LEAST(now(), %(to_ts)s) END,
         now(), %(error)s::text,
-        CASE WHEN %(error)s::text IS NOT NULL THEN now() END)
+        CASE WHEN %(error)s::text IS NOT NULL THEN now() END,
+        CASE WHEN %(refused)s::text IS NOT NULL AND %(asked)s THEN now() END,
+        %(refused)s::text)
 ON CONFLICT (symbol, timeframe) DO UPDATE SET
     last_success_at = COALESCE(EXCLUDED.last_success_at, f.last_success_at),
     checked_through = GREATEST(f.checked_through, EXCLUDED.checked_through),
     last_attempt_at = EXCLUDED.last_attempt_at,
     last_error = COALESCE(EXCLUDED.last_error, f.last_error),
-    last_error_at = COALESCE(EXCLUDED.last_error_at, f.last_error_at)
+    last_error_at = COALESCE(EXCLUDED.last_error_at, f.last_error_at),
+    refused_at = CASE WHEN %(ok)s THEN NULL
+                      ELSE COALESCE(EXCLUDED.refused_at, f.refused_at) END,
+    refused_reason = CASE WHEN %(ok)s THEN NULL
+                          ELSE COALESCE(EXCLUDED.refused_reason, f.refused_reason) END
 """
 # A series can run twice in one execution (a reload re-queues a finished symbol): one row per
 # series, its counts summed, its status and error the latest.
 _JOB_RESULT = """
 INSERT INTO job_results AS r
     (symbol, timeframe, execution_id, status, from_ts, to_ts, bars, pages, attempts,
-     api_seconds, db_seconds, error)
+     api_seconds, db_seconds, error, quarantined)
 VALUES (%(symbol)s, %(timeframe)s, %(execution_id)s, %(status)s, %(from_ts)s, %(to_ts)s,
-        %(bars)s, %(pages)s, %(attempts)s, %(api_seconds)s, %(db_seconds)s, %(error)s)
+        %(bars)s, %(pages)s, %(attempts)s, %(api_seconds)s, %(db_seconds)s, %(error)s,
+        %(quarantined)s)
 ON CONFLICT (symbol, timeframe, execution_id) DO UPDATE SET
     status = EXCLUDED.status,
     from_ts = LEAST(r.from_ts, EXCLUDED.from_ts),
@@ -100,6 +109,7 @@ ON CONFLICT (symbol, timeframe, execution_id) DO UPDATE SET
     attempts = r.attempts + EXCLUDED.attempts,
     api_seconds = r.api_seconds + EXCLUDED.api_seconds,
     db_seconds = r.db_seconds + EXCLUDED.db_seconds,
+    quarantined = r.quarantined + EXCLUDED.quarantined,
     error = EXCLUDED.error,
     finished_at = now()
 """
@@ -108,7 +118,9 @@ UPDATE executions SET
     jobs_ok = jobs_ok + (%(status)s = 'ok')::int,
     jobs_failed = jobs_failed + (%(status)s = 'failed')::int,
     jobs_cancelled = jobs_cancelled + (%(status)s = 'cancelled')::int,
-    bars_written = bars_written + %(bars)s
+    jobs_not_entitled = jobs_not_entitled + (%(status)s = 'not_entitled')::int,
+    bars_written = bars_written + %(bars)s,
+    bars_quarantined = bars_quarantined + %(quarantined)s
 WHERE id = %(execution_id)s
 """
 _EXECUTION_START = """
@@ -121,6 +133,7 @@ UPDATE executions SET
     status = %(status)s, finished_at = %(finished_at)s, duration_seconds = %(duration)s,
     jobs_total = %(jobs_total)s, jobs_ok = %(jobs_ok)s, jobs_failed = %(jobs_failed)s,
     jobs_cancelled = %(jobs_cancelled)s, bars_written = %(bars_written)s,
+    jobs_not_entitled = %(jobs_not_entitled)s, bars_quarantined = %(bars_quarantined)s,
     requests = %(requests)s, rate_limited = %(rate_limited)s, retries = %(retries)s,
     error = %(error)s
 WHERE id = %(id)s
@@ -145,6 +158,9 @@ class JobRow:
     api_seconds: float
     db_seconds: float
     error: str | None
+    quarantined: int = 0
+    refused: str | None = None  # the API's refusal (not entitled)
+    asked: bool = True  # the refusal came from a request now, not from memory
 
     def params(self, execution_id: uuid.UUID) -> dict[str, object]:
         return {
@@ -152,7 +168,8 @@ class JobRow:
             "status": self.outcome.value, "from_ts": from_ms(self.from_ms),
             "to_ts": from_ms(self.to_ms), "bars": self.bars, "pages": self.pages,
             "attempts": self.attempts, "api_seconds": self.api_seconds,
-            "db_seconds": self.db_seconds, "error": self.error,
+            "db_seconds": self.db_seconds, "error": self.error or self.refused,
+            "quarantined": self.quarantined,
         }
 
 
@@ -168,11 +185,14 @@ def record_job(cur: psycopg.Cursor, row: JobRow, execution_id: uuid.UUID | None)
     if execution_id is not None:
         cur.execute(_JOB_RESULT, row.params(execution_id))
         cur.execute(_EXECUTION_JOB, {"status": row.outcome.value, "bars": row.bars,
+                                     "quarantined": row.quarantined,
                                      "execution_id": execution_id})
     if row.timeframe != "*":
         cur.execute(_FRESHNESS_DONE, {
             "symbol": row.symbol, "timeframe": row.timeframe,
             "ok": row.outcome is JobOutcome.OK, "to_ts": from_ms(row.to_ms), "error": row.error,
+            "refused": row.refused if row.outcome is JobOutcome.NOT_ENTITLED else None,
+            "asked": row.asked,
         })
 
 
@@ -208,6 +228,8 @@ class ExecutionFinished:
     retries: int
     error: str | None = None
     late_failures: tuple[JobRow, ...] = ()
+    jobs_not_entitled: int = 0
+    bars_quarantined: int = 0
 
 
 def record_execution_started(cur: psycopg.Cursor, message: ExecutionStarted) -> None:
@@ -228,6 +250,8 @@ def record_execution_finished(cur: psycopg.Cursor, message: ExecutionFinished) -
         "jobs_cancelled": message.jobs_cancelled, "bars_written": message.bars_written,
         "requests": message.requests, "rate_limited": message.rate_limited,
         "retries": message.retries, "error": message.error,
+        "jobs_not_entitled": message.jobs_not_entitled,
+        "bars_quarantined": message.bars_quarantined,
     })
 
 
@@ -296,6 +320,9 @@ class Freshness:
     last_attempt_ms: int | None
     last_error: str | None
     last_error_ms: int | None
+    refused_ms: int | None = None  # when the API last refused the series (not entitled)
+    refused_reason: str | None = None
+    quarantined: int = 0  # bars of the series in quarantine now
 
 
 def _ms(value: dt.datetime | None) -> int | None:
@@ -306,10 +333,15 @@ def read_freshness(url: str) -> dict[tuple[str, str], Freshness]:
     """Every series' freshness row, keyed by (symbol, timeframe)."""
     with _reader(url) as conn:
         rows = conn.execute(
-            "SELECT symbol, timeframe, last_bar_ts, last_success_at, checked_through,"
-            " last_attempt_at, last_error, last_error_at FROM series_freshness"
+            "SELECT f.symbol, f.timeframe, last_bar_ts, last_success_at, checked_through,"
+            " last_attempt_at, last_error, last_error_at, refused_at, refused_reason,"
+            " coalesce(q.n, 0)"
+            " FROM series_freshness f LEFT JOIN (SELECT symbol, timeframe, count(*) AS n"
+            "   FROM quarantined_bars GROUP BY 1, 2) q"
+            " ON q.symbol = f.symbol AND q.timeframe = f.timeframe"
         ).fetchall()
-    return {(r[0], r[1]): Freshness(_ms(r[2]), _ms(r[3]), _ms(r[4]), _ms(r[5]), r[6], _ms(r[7]))
+    return {(r[0], r[1]): Freshness(_ms(r[2]), _ms(r[3]), _ms(r[4]), _ms(r[5]), r[6], _ms(r[7]),
+                                    _ms(r[8]), r[9], int(r[10]))
             for r in rows}
 
 

@@ -13,9 +13,10 @@ scrubbed of the key's literal value and passed through `redact()`.
 
 Error handling: httpx exceptions are translated at the edge (`_translate`) into daemon.errors
 types, raised with no `__cause__` or `__context__`, so callers see only `ApiError` subclasses
-and `BadData`. After the last attempt the last error is raised again, same type, saying how
-many attempts were made. Cancellation (trio.Cancelled, a BaseException) is never retried and
-propagates at once.
+with nothing else from httpx. Bad bars are not errors: they come out quarantined in
+`Page.quarantined` (daemon.bars). After the last attempt the last error is raised again, same
+type, saying how many attempts were made. Cancellation (trio.Cancelled, a BaseException) is
+never retried and propagates at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import email.utils
 import math
 import re
+import sys
 import time
 from collections.abc import AsyncGenerator, Generator
 from typing import TYPE_CHECKING
@@ -35,16 +37,18 @@ import trio
 from loguru import logger
 from tenacity import RetryCallState
 
-from .bars import AggsResponse, Bar, validate_bars
+from .bars import Bar, DecodedPage, Quarantined, decode_page
+from .breaker import CircuitBreaker
 from .config import PolygonConfig, RetryConfig, Secret
 from .errors import (
     ApiAuthError,
     ApiError,
+    ApiKeyRefused,
     ApiRequestError,
     ApiServerError,
     ApiTransportError,
-    BadData,
     BadResponse,
+    NotEntitled,
     RateLimited,
     redact,
 )
@@ -62,7 +66,11 @@ OK_STATUSES = frozenset({"OK", "DELAYED"})
 # Characters of an error body quoted in an exception: enough for the API's one-line messages.
 SNIPPET_CHARS = 200
 
-_DECODER = msgspec.json.Decoder(AggsResponse)
+# What a 403's message says when the key itself is refused (vs. the plan lacking the data).
+_KEY_REFUSED = re.compile(r"(?i)\b(unknown|invalid|missing|not provided|revoked|expired)\b.*"
+                          r"\bkey\b|\bapi key\b.*\b(unknown|invalid|not valid)\b")
+# Worker threads decoding pages: the decode holds the GIL, so more threads buy nothing.
+_DECODE_THREADS = trio.CapacityLimiter(2)
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 
@@ -72,12 +80,13 @@ class Page:
     """One response of a range, validated.
 
     Attributes:
-        bars: The page's bars in ascending `t`, all checked by `validate_bars`; may be empty.
+        bars: The page's valid bars in ascending `t` (daemon.bars.check_bars); may be empty.
         attempts: HTTP attempts this page took (1 when the first succeeded).
         api_seconds: Time from the page's first token wait to its decoded body, retries and
             backoff included: what the page cost in wall time.
         bytes: Body bytes of the response that succeeded.
         last: True when the API sent no `next_url`: the range is complete.
+        quarantined: The page's bars that did not decode or validate (not in `bars`).
     """
 
     bars: list[Bar] = attrs.field(repr=lambda bars: f"<{len(bars)} bars>")
@@ -85,6 +94,7 @@ class Page:
     api_seconds: float
     bytes: int
     last: bool
+    quarantined: tuple[Quarantined, ...] = ()
 
 
 @attrs.frozen
@@ -95,12 +105,13 @@ class ClientStatistics:
         total_requests: HTTP attempts sent (each one took a token).
         rate_limited_count: 429 responses.
         retries: Attempts that followed a failed one (so total_requests - retries first tries).
-        failures: Pages that raised: out of attempts, or not retryable (auth, 4xx, BadData).
+        failures: Pages that raised: out of attempts, or not retryable (auth, 4xx).
         bytes_received: Body bytes of every response read to its end, error responses included
             (a body the connection cut off raised before it could be counted).
         pages: Pages yielded.
         bars: Bars yielded.
         request_seconds: Time spent in HTTP attempts (sent to body read), for mean latency.
+        bars_quarantined: Bars that did not decode or validate (kept out of `bars`).
     """
 
     total_requests: int
@@ -111,6 +122,7 @@ class ClientStatistics:
     pages: int
     bars: int
     request_seconds: float = 0.0
+    bars_quarantined: int = 0
 
     @property
     def mean_latency(self) -> float | None:
@@ -140,6 +152,8 @@ class PolygonClient:
         config: Base URL, key, page limit, timeout, `max_in_flight` (sizes the connection pool).
         retry: Attempts and backoff.
         limiter: The key's shared limiter; each HTTP attempt runs inside `limiter.request()`.
+        breaker: The API's circuit breaker (daemon.breaker), shared by every job; each attempt
+            is admitted by it first. None: none (a tool or test that wants plain retries).
         transport: An httpx transport to use instead of the network (`httpx.MockTransport` in
             unit tests); None in production.
 
@@ -148,7 +162,7 @@ class PolygonClient:
     `client.update`.
 
     Error handling: `pages()` raises ApiAuthError, ApiRequestError, RateLimited, ApiServerError,
-    ApiTransportError, BadResponse (the ApiError family) or BadData, nothing else from httpx.
+    ApiTransportError, BadResponse, ApiUnavailable (the ApiError family), nothing else.
     """
 
     def __init__(
@@ -157,11 +171,14 @@ class PolygonClient:
         retry: RetryConfig,
         *,
         limiter: RateLimiter,
+        breaker: CircuitBreaker | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._config = config
         self._retry = retry
         self._limiter = limiter
+        # No breaker given: one that never opens (every failure is charged to its page).
+        self._breaker = breaker or CircuitBreaker(threshold=sys.maxsize)
         self._transport = transport
         self._auth = _BearerAuth(config.api_key)
         self._pool_size = config.max_in_flight
@@ -176,6 +193,7 @@ class PolygonClient:
         self._pages = 0
         self._bars = 0
         self._request_seconds = 0.0
+        self._quarantined = 0
 
     def _new_http(self, pool_size: int) -> httpx.AsyncClient:
         # A pool as large as the in-flight cap: a request that has its token never queues for a
@@ -227,6 +245,7 @@ class PolygonClient:
             pages=self._pages,
             bars=self._bars,
             request_seconds=self._request_seconds,
+            bars_quarantined=self._quarantined,
         )
 
     # --- pages --------------------------------------------------------------------------------
@@ -241,8 +260,8 @@ class PolygonClient:
         slot, no token) while the consumer works on a page.
 
         Error handling: a page that fails for good raises (see the class docstring) and ends
-        the iteration; pages yielded before it are complete and valid. BadData is raised as
-        `validate_bars` raised it, never retried: the same request would return the same bars.
+        the iteration; pages yielded before it are complete. Bad bars do not fail a page: they
+        come out in `Page.quarantined`.
         """
         log = logger.bind(symbol=symbol, timeframe=timeframe.label)
         try:
@@ -250,18 +269,18 @@ class PolygonClient:
             seen = {str(url)}
             while True:
                 started = trio.current_time()
-                body, nbytes, attempts = await self._fetch_retrying(url, log)
-                bars = body.results if isinstance(body.results, list) else []
-                validate_bars(bars, from_ms, to_ms)
+                body, nbytes, attempts = await self._fetch_retrying(url, from_ms, to_ms, log)
                 page = Page(
-                    bars=bars,
+                    bars=body.bars,
                     attempts=attempts,
                     api_seconds=trio.current_time() - started,
                     bytes=nbytes,
                     last=body.next_url is None,
+                    quarantined=body.quarantined,
                 )
                 self._pages += 1
-                self._bars += len(bars)
+                self._bars += len(body.bars)
+                self._quarantined += len(body.quarantined)
                 # Not inside any cancel scope or nursery: a suspended generator holds nothing.
                 yield page
                 if body.next_url is None:
@@ -270,7 +289,7 @@ class PolygonClient:
                 if str(url) in seen:
                     raise BadResponse("next_url points back to a page already fetched")
                 seen.add(str(url))
-        except (ApiError, BadData):
+        except ApiError:
             self._failures += 1
             raise
 
@@ -320,43 +339,71 @@ class PolygonClient:
 
     # --- one page, retried ----------------------------------------------------------------------
 
-    async def _fetch_retrying(self, url: httpx.URL, log: Logger) -> tuple[AggsResponse, int, int]:
+    async def _fetch_retrying(self, url: httpx.URL, from_ms: int, to_ms: int, log: Logger
+                              ) -> tuple[DecodedPage, int, int]:
         """Fetch and decode one page, retrying what can be retried. Returns body, bytes, attempts.
+
+        A page's attempts are charged only for failures while the circuit breaker is closed:
+        during an outage requests wait for the breaker (daemon.breaker) and spend nothing, so
+        a page rides out an outage of any length.
 
         Error handling: the last retryable error is re-raised with the attempt count in its
         message; anything not retryable is raised as it came.
         """
         retry = self._retry  # a reload mid-page does not change this page's schedule
         backoff = Backoff(retry.min_seconds, retry.max_seconds, jitter=retry.jitter)
+        attempts = 0
+        charged = 0  # failures that count against `retry.attempts`
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            if not self._breaker.is_closed:
+                return 0.0  # the breaker does the waiting (and the probing)
+            if isinstance(exc, ApiError) and exc.retry_after is not None:
                 return exc.retry_after
-            return backoff(state.attempt_number)
+            return backoff(max(charged, 1))
+
+        def stop(state: RetryCallState) -> bool:
+            return charged >= retry.attempts
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            sleep = state.next_action.sleep if state.next_action else 0.0
+            if not self._breaker.is_closed:
+                return  # one warning when the circuit opens, not one per waiting page
             log.warning(
                 "attempt {}/{} failed: {}: {}; retrying in {:.3f} s",
-                state.attempt_number, retry.attempts, type(exc).__name__, exc, sleep,
+                charged, retry.attempts, type(exc).__name__, exc, state.upcoming_sleep or 0.0,
             )
 
         policy = retrying(
             wait=wait,
-            attempts=retry.attempts,
+            stop=stop,
             sleep=self._limiter.sleep,  # trio.sleep that a stop (limiter.close) cuts short
             before_sleep=before_sleep,
         )
-        attempts = 0
 
-        async def attempt() -> tuple[AggsResponse, int, int]:
-            nonlocal attempts
+        async def attempt() -> tuple[DecodedPage, int, int]:
+            nonlocal attempts, charged
+            ticket = await self._breaker.admit()
             attempts += 1
             if attempts > 1:
                 self._retries += 1
-            body, nbytes = await self._fetch_once(url, retry)
+            try:
+                body, nbytes = await self._fetch_once(url, retry, from_ms, to_ms)
+            except ApiError as exc:
+                if exc.transient and not isinstance(exc, RateLimited):
+                    self._breaker.failed(ticket)
+                    if self._breaker.is_closed:
+                        charged += 1
+                else:
+                    self._breaker.succeeded(ticket)  # the API answered: it is reachable
+                    if exc.transient:
+                        charged += 1  # a 429: the limiter slows down, the page pays
+                raise
+            except BaseException:
+                self._breaker.abandoned(ticket)
+                raise
+            self._breaker.succeeded(ticket)
             return body, nbytes, attempts
 
         try:
@@ -367,8 +414,11 @@ class PolygonClient:
             final = _gave_up(exc, attempts)
         raise final  # outside the except: no __context__ to carry the earlier errors around
 
-    async def _fetch_once(self, url: httpx.URL, retry: RetryConfig) -> tuple[AggsResponse, int]:
-        """One HTTP attempt under the limiter: send, read the whole body, check, decode."""
+    async def _fetch_once(self, url: httpx.URL, retry: RetryConfig, from_ms: int, to_ms: int
+                          ) -> tuple[DecodedPage, int]:
+        """One HTTP attempt under the limiter: send, read the whole body, check, decode (in a
+        worker thread: a 50,000-bar page is tens of ms of CPU the event loop should not wait
+        on)."""
         config, http, auth = self._config, self._http, self._auth
         async with self._limiter.request() as grant:
             self._total_requests += 1
@@ -380,28 +430,44 @@ class PolygonClient:
             raw_bytes = response.num_bytes_downloaded or len(body)
             self._bytes += raw_bytes
             status = response.status_code
+            retry_after = _retry_after(response.headers.get("retry-after"), retry.max_seconds)
             if status == 429:
                 self._rate_limited += 1
-                retry_after = _retry_after(response.headers.get("retry-after"), retry.max_seconds)
                 self._limiter.on_rate_limited(retry_after, grant=grant)
                 wait = f" (Retry-After {retry_after:g} s)" if retry_after is not None else ""
                 raise RateLimited(self._scrub(f"HTTP 429{wait}: {_snippet(body)}"),
                                   retry_after=retry_after)
             if not 200 <= status < 300:
-                raise self._status_error(status, response.reason_phrase, body)
+                raise self._status_error(status, response.reason_phrase, body, retry_after)
             self._limiter.on_success(grant=grant)
         declared = _content_length(response)
         if declared is not None and raw_bytes < declared:
             raise BadResponse(f"body cut off: {raw_bytes} of {declared} bytes")
         try:
-            decoded = _DECODER.decode(body)
-        except msgspec.DecodeError as exc:
-            raise BadResponse(self._scrub(f"not an aggregates body: {exc}")) from None
-        if decoded.status not in OK_STATUSES:
-            raise BadResponse(self._scrub(f"status {decoded.status!r}: {_snippet(body)}"))
-        if decoded.results is None:
-            raise BadResponse('"results": null (the API does this under load)')
-        return decoded, raw_bytes
+            decoded = await trio.to_thread.run_sync(decode_page, body, from_ms, to_ms,
+                                                    limiter=_DECODE_THREADS)
+        except BadResponse as exc:
+            error: ApiError = BadResponse(self._scrub(exc.message))
+        else:
+            if decoded.status in OK_STATUSES:
+                if decoded.results_null:
+                    raise BadResponse('"results": null (the API does this under load)')
+                if decoded.quarantined:  # their raw JSON is stored: no key in it, ever
+                    decoded = attrs.evolve(decoded, quarantined=tuple(
+                        attrs.evolve(q, raw=self._scrub(q.raw), reason=self._scrub(q.reason))
+                        for q in decoded.quarantined))
+                return decoded, raw_bytes
+            error = self._body_error(decoded, body)
+        raise error
+
+    def _body_error(self, decoded: DecodedPage, body: bytes) -> ApiError:
+        """A 200 whose body says it failed: classified like the matching status code."""
+        message = self._scrub(f"HTTP 200 with status {decoded.status!r}: {_snippet(body)}")
+        if decoded.status == "NOT_AUTHORIZED":
+            return _refusal(403, message, decoded.message or "")
+        if decoded.status == "ERROR":
+            return ApiServerError(message, status=200)
+        return BadResponse(message)
 
     async def _exchange(
         self, http: httpx.AsyncClient, auth: httpx.Auth, url: httpx.URL, seconds: float
@@ -438,12 +504,14 @@ class PolygonClient:
             return BadResponse(self._scrub(f"body not decodable ({detail})"))
         return ApiTransportError(self._scrub(f"request failed ({detail})"))
 
-    def _status_error(self, status: int, reason: str, body: bytes) -> ApiError:
-        message = self._scrub(f"HTTP {status} {reason}: {_snippet(body)}".replace(" :", ":"))
+    def _status_error(self, status: int, reason: str, body: bytes,
+                      retry_after: float | None) -> ApiError:
+        snippet = _snippet(body)
+        message = self._scrub(f"HTTP {status} {reason}: {snippet}".replace(" :", ":"))
         if status in (401, 403):
-            return ApiAuthError(message, status=status)
+            return _refusal(status, message, snippet)
         if status >= 500:
-            return ApiServerError(message, status=status)
+            return ApiServerError(message, status=status, retry_after=retry_after)
         return ApiRequestError(message, status=status)  # 3xx (no redirects followed), 4xx
 
     def _scrub(self, text: str) -> str:
@@ -454,13 +522,19 @@ class PolygonClient:
         return redact(text)
 
 
+def _refusal(status: int, message: str, detail: str) -> ApiAuthError:
+    """401, or a 403 that says the key is unknown or invalid, refuses the key; any other 403
+    refuses this one ticker or timespan (the plan does not cover it)."""
+    if status == 401 or _KEY_REFUSED.search(detail):
+        return ApiKeyRefused(message, status=status)
+    return NotEntitled(message, status=status)
+
+
 def _gave_up(exc: ApiError, attempts: int) -> ApiError:
     """The error raised after the last attempt: same type, saying how many were made."""
     plural = "s" if attempts != 1 else ""
     message = f"gave up after {attempts} attempt{plural}; last: {exc.message}"
-    if isinstance(exc, RateLimited):
-        return RateLimited(message, retry_after=exc.retry_after)
-    return type(exc)(message, status=exc.status)
+    return type(exc)(message, status=exc.status, retry_after=exc.retry_after)
 
 
 def _retry_after(value: str | None, cap: float) -> float | None:

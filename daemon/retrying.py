@@ -77,29 +77,43 @@ class _stop_at_trio_deadline(stop_base):  # noqa: N801 - tenacity's naming
         return trio.current_time() + (retry_state.upcoming_sleep or 0.0) > self.deadline
 
 
+class _stop_when(stop_base):  # noqa: N801 - tenacity's naming
+    def __init__(self, predicate: Callable[[RetryCallState], bool]) -> None:
+        self.predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.predicate(retry_state)
+
+
 def retrying(
     *,
     wait: Callable[[RetryCallState], float],
     attempts: int | None = None,
     give_up_after: float | None = None,
+    stop: Callable[[RetryCallState], bool] | None = None,
     sleep: Callable[[float], Awaitable[None]] = trio.sleep,
     before_sleep: Callable[[RetryCallState], None] | None = None,
     retry_on: Callable[[BaseException], bool] = is_transient,
 ) -> AsyncRetrying:
     """An `AsyncRetrying` that retries transient errors: at most `attempts` attempts and/or
-    until `give_up_after` seconds (trio time) from now; neither given: forever.
+    until `give_up_after` seconds (trio time) from now, and/or until `stop(state)` says so;
+    none given: forever.
 
     The last error is re-raised as it came (`reraise=True`), never a tenacity RetryError.
     """
-    stop: stop_base = stop_never
+    rules: list[stop_base] = []
     if attempts is not None:
-        stop = stop_after_attempt(attempts)
+        rules.append(stop_after_attempt(attempts))
     if give_up_after is not None:
-        deadline = _stop_at_trio_deadline(trio.current_time() + give_up_after)
-        stop = deadline if attempts is None else stop | deadline
+        rules.append(_stop_at_trio_deadline(trio.current_time() + give_up_after))
+    if stop is not None:
+        rules.append(_stop_when(stop))
+    combined: stop_base = stop_never
+    for rule in rules:
+        combined = rule if combined is stop_never else combined | rule
     return AsyncRetrying(
         sleep=sleep,
-        stop=stop,
+        stop=combined,
         wait=wait,
         retry=retry_if_exception(retry_on),
         before_sleep=before_sleep,

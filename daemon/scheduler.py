@@ -43,6 +43,7 @@ import attrs
 import trio
 from loguru import logger
 
+from .bars import Quarantined
 from .config import Config
 from .cycles import (
     CycleSnapshot,
@@ -52,20 +53,22 @@ from .cycles import (
     SchedulerStatistics,
     SymbolState,
 )
-from .errors import ApiAuthError, ApiError, BadData, DatabaseError
+from .db import SeriesState
+from .errors import ApiError, ApiKeyRefused, DatabaseError, NotEntitled
 from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow
 from .planning import FetchRange, plan_series, split_range
 from .polygon import ClientStatistics, Page
-from .spans import EMPTY, Spans
 from .timefmt import wall_clock
 from .timeframes import Timeframe
-from .writer import JobFinished, Message, PageWrite
+from .writer import JobFinished, Message, PageWrite, QuarantinedSpan
 
 __all__ = ["Job", "PageSource", "Scheduler"]
 
 # How long an interrupted cycle waits for room in the writer's channel to record its end.
 FINISH_SEND_SECONDS = 1.0
+# A series the API refused (not entitled) is asked again after this long, not every cycle.
+REFUSAL_RETRY_SECONDS = 86_400.0
 
 
 class PageSource(Protocol):
@@ -84,14 +87,16 @@ class Job:
     symbol: str
     timeframe: Timeframe
     ranges: tuple[FetchRange, ...]
+    # The series was refused (not entitled) less than a day ago: no request this cycle.
+    refused: str | None = None
 
     @property
     def from_ms(self) -> int:
-        return min(r.from_ms for r in self.ranges)
+        return min((r.from_ms for r in self.ranges), default=0)
 
     @property
     def to_ms(self) -> int:
-        return max(r.to_ms for r in self.ranges)
+        return max((r.to_ms for r in self.ranges), default=0)
 
 
 @attrs.define(eq=False)
@@ -107,7 +112,9 @@ class _JobRun:
     api_seconds: float = 0.0
     error: str | None = None
     cancelled: bool = False
-    # Set only for a job that never reached the writer (its checkpoints could not be read).
+    refused: str | None = None  # the API refused the series (not entitled)
+    asked: bool = True  # False: the refusal is a recent one remembered, no request was sent
+    # Set only for a job that never reached the writer (its coverage could not be read).
     local_outcome: JobOutcome | None = None
 
     @property
@@ -120,13 +127,15 @@ class _JobRun:
 
     def fetch_result(self) -> FetchResult:
         return FetchResult(self.from_ms, self.to_ms, self.pages, self.attempts,
-                           self.api_seconds, self.error, self.cancelled)
+                           self.api_seconds, self.error, self.cancelled, self.refused,
+                           self.asked)
 
     def snapshot(self) -> JobSnapshot:
         return JobSnapshot(self.series.symbol, self.series.timeframe, self.outcome,
                            self.receipt.bars_written, self.pages, self.attempts,
-                           self.receipt.write_error or self.error, self.api_seconds,
-                           self.receipt.db_seconds, self.receipt.pages_written)
+                           self.receipt.write_error or self.error or self.refused,
+                           self.api_seconds, self.receipt.db_seconds,
+                           self.receipt.pages_written, self.receipt.bars_quarantined)
 
     def row(self) -> JobRow:
         outcome = self.outcome or JobOutcome.FAILED
@@ -173,13 +182,13 @@ class Scheduler:
         client: PageSource,
         send: trio.MemorySendChannel[Message],
         *,
-        coverage: Callable[[str], Awaitable[dict[tuple[str, str], Spans]]],
+        series_state: Callable[[str], Awaitable[dict[tuple[str, str], SeriesState]]],
         today: Callable[[], dt.date] | None = None,
     ) -> None:
         self._config = config
         self._client = client
         self._send = send
-        self._coverage = coverage
+        self._series_state = series_state
         self._walkers = 0  # sub-ranges being walked right now, across all jobs
         self._today = today or _utc_today
         self._symbol_limiter = trio.CapacityLimiter(config.backfill.max_concurrent_symbols)
@@ -371,6 +380,8 @@ class Scheduler:
             retries=snapshot.retries,
             error=cycle.auth_error,
             late_failures=tuple(j.row() for j in cycle.jobs if j.local_outcome is not None),
+            jobs_not_entitled=len(snapshot.not_entitled),
+            bars_quarantined=snapshot.quarantined,
         )
         with trio.move_on_after(FINISH_SEND_SECONDS if interrupted else float("inf")):
             try:
@@ -425,7 +436,7 @@ class Scheduler:
     async def _plan_symbol(self, cycle: _Cycle, symbol: str) -> list[Job]:
         """Plan the symbol's jobs from its current coverage (read just before it starts)."""
         try:
-            coverage = await self._coverage(symbol)
+            states = await self._series_state(symbol)
         except DatabaseError as exc:
             cycle.jobs.append(_JobRun(SeriesKey(symbol, "*"), 0, 0,
                                       Receipt(execution_id=cycle.execution_id), error=str(exc),
@@ -439,8 +450,12 @@ class Scheduler:
         for tf in self._config.backfill.timeframes:
             if SeriesKey(symbol, tf.label) in skip:
                 continue
-            ranges = plan_series(self._config, symbol, tf,
-                                 coverage.get((symbol, tf.label), EMPTY), today)
+            state = states.get((symbol, tf.label)) or SeriesState()
+            if (state.refused_at is not None
+                    and wall_clock() - state.refused_at < REFUSAL_RETRY_SECONDS):
+                jobs.append(Job(symbol, tf, (), refused=state.refused_reason or "not entitled"))
+                continue
+            ranges = plan_series(self._config, symbol, tf, state.covered, today)
             if ranges:
                 jobs.append(Job(symbol, tf, tuple(ranges)))
         return jobs
@@ -457,11 +472,22 @@ class Scheduler:
         async with self._send.clone() as send:
             if cycle.auth_error is not None:
                 run.error = cycle.auth_error
+            elif job.refused is not None:
+                run.refused, run.asked = job.refused, False
+                log.info("not entitled (asked again once a day): {}", job.refused)
             else:
                 async with trio.open_nursery() as walkers:
-                    for fetch in job.ranges:
-                        walkers.start_soon(self._walk_range, cycle, job, run, fetch, send,
-                                           walkers)
+                    # The first range alone until its first answer: a refused series costs
+                    # one request per cycle, not one per range.
+                    answered = trio.Event()
+                    walkers.start_soon(partial(self._walk_range, cycle, job, run,
+                                               job.ranges[0], send, walkers, answered=answered))
+                    if len(job.ranges) > 1:
+                        await answered.wait()
+                        if run.refused is None and run.error is None:
+                            for fetch in job.ranges[1:]:
+                                walkers.start_soon(self._walk_range, cycle, job, run, fetch,
+                                                   send, walkers)
             await send.send(JobFinished(run.series, run.fetch_result(), run.receipt))
         await run.receipt.finished.wait()
         if run.outcome is JobOutcome.OK:
@@ -469,10 +495,13 @@ class Scheduler:
                      run.receipt.pages_written)
         elif run.outcome is JobOutcome.FAILED:
             log.error("job failed: {}", run.receipt.write_error or run.error)
+        elif run.outcome is JobOutcome.NOT_ENTITLED and run.asked:
+            log.warning("not entitled: the API plan does not cover this series (asked again "
+                        "in a day): {}", run.refused)
 
     async def _walk_range(self, cycle: _Cycle, job: Job, run: _JobRun, fetch: FetchRange,
                           send: trio.MemorySendChannel[Message], walkers: trio.Nursery, *,
-                          may_split: bool = True) -> None:
+                          may_split: bool = True, answered: trio.Event | None = None) -> None:
         """Follow one range's `next_url`s, sending each page with the span it proves.
 
         After the first page of a deep range, the rest may be split into sub-ranges walked
@@ -486,20 +515,29 @@ class Scheduler:
             async with aclosing(pages):  # type: ignore[type-var]
                 first = True
                 async for page in pages:
+                    if answered is not None:
+                        answered.set()
                     run.pages += 1
                     run.attempts += page.attempts
                     run.api_seconds += page.api_seconds
+                    seen = [b.t for b in page.bars[-1:]] + [
+                        q.t for q in page.quarantined if q.t is not None]
                     if page.last and fetch.closed:
                         hi = fetch.to_ms + 1  # the answer for a closed range is final
                     else:
-                        hi = page.bars[-1].t + 1 if page.bars else page_from
-                    if page.bars or hi > page_from:
+                        hi = max(seen) + 1 if seen else page_from
+                    held = _held_out(page.quarantined, page_from, hi, fetch.to_ms)
+                    if held:
+                        log.warning("{} bar(s) quarantined (asked again next top-up): t={} "
+                                    "{}", len(held), held[0].bar.t, held[0].bar.reason)
+                    if page.bars or held or hi > page_from:
                         await send.send(PageWrite(run.series, page.bars, (page_from, hi),
-                                                  run.receipt))
+                                                  run.receipt, held))
                     page_from = max(page_from, hi)
                     if page.last or run.receipt.write_error is not None:
                         break
-                    if self._stopping or not self._wanted(job) or run.error is not None:
+                    if (self._stopping or not self._wanted(job) or run.error is not None
+                            or run.refused is not None):
                         run.cancelled = run.cancelled or run.error is None
                         log.info("job stopped after its current page")
                         break
@@ -520,13 +558,17 @@ class Scheduler:
             # request is started after a stop, and the job ends as cancelled, not failed.
             run.cancelled = True
             log.info("job stopped before its next request")
-        except ApiAuthError as exc:
+        except NotEntitled as exc:
+            run.refused = run.refused or str(exc)
+        except ApiKeyRefused as exc:
             run.error = run.error or str(exc)
             cycle.auth_error = str(exc)
-        except (ApiError, BadData) as exc:
+        except ApiError as exc:
             run.error = run.error or f"{type(exc).__name__}: {exc}"
         finally:
             self._walkers -= 1
+            if answered is not None:
+                answered.set()
 
     def _parallel_ranges(self) -> int:
         """How many sub-ranges a deep range may be split into right now.
@@ -546,6 +588,16 @@ class Scheduler:
         needed = math.ceil(rpm / 60 * latency * 1.25)
         spare = needed - self._walkers
         return max(1, min(cap, spare + 1))
+
+
+def _held_out(quarantined: tuple[Quarantined, ...], lo: int, hi: int, to_ms: int
+              ) -> tuple[QuarantinedSpan, ...]:
+    """Where each quarantined bar of a page `[lo, hi)` is held out of coverage: its own
+    `[t, t+1)`, or (its place unknown) the page's span, or when that is empty, the rest of the
+    range (uncovered anyway)."""
+    page = (lo, hi) if hi > lo else (lo, to_ms + 1)
+    return tuple(QuarantinedSpan((q.t, q.t + 1) if q.t is not None and lo <= q.t < hi else page,
+                                 q) for q in quarantined)
 
 
 def _utc_today() -> dt.date:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
+from .breaker import BreakerStatistics
 from .config import Config
 from .cycles import SchedulerStatistics
 from .polygon import ClientStatistics
@@ -47,6 +48,7 @@ class Snapshot:
     reload: ReloadStatistics
     api: ClientStatistics
     limiter: RateLimiterStatistics
+    breaker: BreakerStatistics
     writer: WriterStatistics
     scheduler: SchedulerStatistics
 

@@ -183,6 +183,10 @@ def status_text(snap: Snapshot) -> str:
     else:
         text = "starting"
     text += f"; {snap.writer.bars_written} bars written"
+    breaker = snap.breaker
+    if breaker.open_since is not None:
+        text += (f"; API UNAVAILABLE: circuit {breaker.state.value} for "
+                 f"{snap.now - breaker.open_since:.0f} s, {breaker.probes} probe(s)")
     if sched.state is SchedulerState.STOPPING:
         text = "stopping: finishing in-flight pages; " + text
     if snap.reload.last_error is not None:

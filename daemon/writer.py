@@ -42,7 +42,7 @@ from loguru import logger
 from tenacity import RetryCallState
 
 from . import db, monitoring
-from .bars import Bar
+from .bars import Bar, Quarantined
 from .errors import DatabaseUnavailable, redact
 from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow
@@ -55,6 +55,7 @@ __all__ = [
     "JobFinished",
     "Message",
     "PageWrite",
+    "QuarantinedSpan",
     "Writer",
     "WriterStatistics",
     "open_writer_channel",
@@ -88,12 +89,34 @@ WHERE (b.open, b.high, b.low, b.close, b.volume, b.vwap, b.trades)
       (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close,
        EXCLUDED.volume, EXCLUDED.vwap, EXCLUDED.trades)
 """
-# The page's span joins the series' coverage (a set: order and overlaps do not matter).
+# Quarantine: this page's bad bars are (re)recorded; entries inside the page's span that it
+# did not re-assert were answered well this time (their bars are in the page) and go.
+_QUARANTINE = """
+INSERT INTO quarantined_bars AS q (symbol, timeframe, span, t, raw, reason)
+VALUES (%(symbol)s, %(timeframe)s, int8range(%(lo)s, %(hi)s), %(t)s, %(raw)s, %(reason)s)
+ON CONFLICT (symbol, timeframe, span) DO UPDATE SET
+    t = EXCLUDED.t, raw = EXCLUDED.raw, reason = EXCLUDED.reason, last_seen = now(),
+    times_seen = q.times_seen + 1
+"""
+_UNQUARANTINE = """
+DELETE FROM quarantined_bars
+WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s AND span && int8range(%(lo)s, %(hi)s)
+  AND last_seen < now()
+"""
+# The page's span joins the series' coverage (a set: order and overlaps do not matter), less
+# every quarantined spot in it, so the next plan asks for those again.
 _COVER = """
+WITH holes AS (
+    SELECT coalesce(range_agg(span), '{}'::int8multirange) AS spans FROM quarantined_bars
+    WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s
+      AND span && int8range(%(lo)s, %(hi)s))
 INSERT INTO coverage AS c (symbol, timeframe, covered, updated_at)
-VALUES (%(symbol)s, %(timeframe)s, int8multirange(int8range(%(lo)s, %(hi)s)), now())
+SELECT %(symbol)s, %(timeframe)s, int8multirange(int8range(%(lo)s, %(hi)s)) - holes.spans, now()
+FROM holes
 ON CONFLICT (symbol, timeframe) DO UPDATE SET
-    covered = c.covered + EXCLUDED.covered, updated_at = now()
+    covered = (c.covered + int8multirange(int8range(%(lo)s, %(hi)s)))
+              - (SELECT spans FROM holes),
+    updated_at = now()
 """
 
 
@@ -108,12 +131,23 @@ class PageWrite:
         span: `[lo, hi)` in Unix ms: every bar of the series starting in it is in this page
             (or in no answer at all). It joins the series' coverage in the page's transaction.
         receipt: The job's receipt, where the writer reports the commit.
+        quarantined: The page's bad bars, each with the span it holds out of coverage.
     """
 
     series: SeriesKey
     bars: Sequence[Bar] = attrs.field(repr=lambda bars: f"<{len(bars)} bars>")
     span: Span
     receipt: Receipt
+    quarantined: tuple[QuarantinedSpan, ...] = ()
+
+
+@attrs.frozen
+class QuarantinedSpan:
+    """A quarantined bar of a page: `span` is its `[t, t+1)`, or the page's whole span when its
+    place is unknown (no usable `t`)."""
+
+    span: Span
+    bar: Quarantined
 
 
 @attrs.frozen
@@ -236,9 +270,7 @@ class Writer:
             return  # a page after a rejected one: writing it would leave a hole behind it
         outcome = None
         if isinstance(message, JobFinished):
-            outcome = JobOutcome.decide(fetch_error=message.fetch.error,
-                                        write_error=message.receipt.write_error,
-                                        cancelled=message.fetch.cancelled)
+            outcome = message.fetch.outcome(message.receipt.write_error)
         self._busy_since = trio.current_time()
         try:
             seconds = await self._retrying(self._transaction, message, outcome)
@@ -324,7 +356,12 @@ class Writer:
             cur.execute(_UPSERT, key)
             monitoring.record_page(cur, page.series, max(first, last))
         lo, hi = page.span
+        if page.quarantined:
+            cur.executemany(_QUARANTINE, [
+                {**key, "lo": q.span[0], "hi": q.span[1], "t": q.bar.t, "raw": q.bar.raw,
+                 "reason": q.bar.reason} for q in page.quarantined])
         if lo < hi:
+            cur.execute(_UNQUARANTINE, {**key, "lo": lo, "hi": hi})
             cur.execute(_COVER, {**key, "lo": lo, "hi": hi})
 
     @staticmethod
@@ -333,7 +370,8 @@ class Writer:
         return JobRow(
             message.series.symbol, message.series.timeframe, outcome, fetch.from_ms, fetch.to_ms,
             receipt.bars_written, fetch.pages, fetch.attempts, fetch.api_seconds,
-            receipt.db_seconds, receipt.write_error or fetch.error)
+            receipt.db_seconds, receipt.write_error or fetch.error,
+            quarantined=receipt.bars_quarantined, refused=fetch.refused, asked=fetch.asked)
 
     # --- after the transaction (trio thread) -----------------------------------------------
 
@@ -345,6 +383,7 @@ class Writer:
             receipt = message.receipt
             receipt.bars_written += len(bars)
             receipt.pages_written += 1
+            receipt.bars_quarantined += len(message.quarantined)
             receipt.db_seconds += seconds
             self._pages += 1
             self._bars += len(bars)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from daemon import db  # noqa: E402
 from daemon.app import serve  # noqa: E402
-from daemon.bars import AggsResponse, validate_bars  # noqa: E402
+from daemon.bars import AggsResponse, check_bars  # noqa: E402
 from daemon.compose import build  # noqa: E402
 from daemon.config import parse_config  # noqa: E402
 from daemon.embedded import embedded_postgres  # noqa: E402
@@ -66,7 +66,7 @@ def bench_decode(rounds: int) -> dict[str, float]:
     assert isinstance(decoded.results, list)
     t = time.perf_counter()
     for _ in range(rounds):
-        validate_bars(decoded.results, lo, hi)
+        check_bars(decoded.results, lo, hi)
     validate_s = (time.perf_counter() - t) / rounds
     return {
         "page_bytes": len(body),

@@ -7,6 +7,7 @@ from typing import Any
 
 import attrs
 
+from daemon.breaker import BreakerStatistics, CircuitBreaker
 from daemon.config import Config, parse_config
 from daemon.cycles import (
     CycleSnapshot,
@@ -42,7 +43,8 @@ def cycle(number: int = 3, *, started: float = 100.0, finished: float | None = N
 def snapshot(*, now: float = 200.0, config: Config = CONFIG, cycle: CycleSnapshot | None = None,
              last_cycle: CycleSnapshot | None = None, next_cycle_at: float | None = None,
              state: SchedulerState | None = None, bars_written: int = 0,
-             reload_error: str | None = None, **writer: Any) -> Snapshot:
+             reload_error: str | None = None, breaker: BreakerStatistics | None = None,
+             **writer: Any) -> Snapshot:
     if state is None:
         state = SchedulerState.BACKFILLING if cycle is not None else SchedulerState.WAITING
     writer_stats = WriterStatistics(
@@ -56,6 +58,7 @@ def snapshot(*, now: float = 200.0, config: Config = CONFIG, cycle: CycleSnapsho
         api=ClientStatistics(0, 0, 0, 0, 0, 0, 0),
         limiter=RateLimiterStatistics(config.polygon.requests_per_minute,
                                       config.polygon.requests_per_minute, 0, 0, None, 0, 16),
+        breaker=breaker or CircuitBreaker().statistics(),
         writer=attrs.evolve(writer_stats, **writer),
         scheduler=SchedulerStatistics(state, cycle, last_cycle, next_cycle_at, {},
                                       len(config.backfill.timeframes), 3),

@@ -196,7 +196,7 @@ async def test_every_line_about_a_job_names_symbol_and_timeframe(
 
     async with PolygonClient(cfg.polygon, cfg.retry, limiter=limiter,
                              transport=httpx.MockTransport(handler)) as client:
-        sched = Scheduler(cfg, client, send, coverage=no_coverage,
+        sched = Scheduler(cfg, client, send, series_state=no_coverage,
                           today=lambda: dt.date(2024, 1, 10))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(acknowledge, receive)
@@ -204,7 +204,7 @@ async def test_every_line_about_a_job_names_symbol_and_timeframe(
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     about_jobs = [r for r in records if not r["message"].startswith("cycle ")]
     assert {r["message"].split(":")[0] for r in about_jobs} >= {
-        "attempt 1/5 failed", "job done", "job failed"}
+        "attempt 1/5 failed", "job done", "1 bar(s) quarantined (asked again next top-up)"}
     for r in about_jobs:
         assert (r.get("symbol"), r.get("timeframe")) in {("AAPL", "1d"), ("BRK.A", "1d")}, r
     assert KEY not in stream.getvalue()

@@ -14,11 +14,11 @@ import trio
 from daemon import db
 from daemon.bars import Bar
 from daemon.config import parse_config
+from daemon.db import SeriesState
 from daemon.jobs import JobOutcome
 from daemon.monitoring import ExecutionFinished, ExecutionStarted, JobRow
 from daemon.polygon import ClientStatistics, Page
 from daemon.scheduler import Scheduler
-from daemon.spans import Spans
 from daemon.timeframes import Timeframe
 from daemon.writer import Writer, open_writer_channel
 
@@ -209,7 +209,7 @@ class CountingClient:
 
 
 
-async def no_coverage(symbol: str) -> dict[tuple[str, str], Spans]:
+async def no_coverage(symbol: str) -> dict[tuple[str, str], SeriesState]:
     return {}
 
 
@@ -219,7 +219,7 @@ async def test_each_cycle_is_an_execution_with_its_own_request_counts(database: 
     client = CountingClient()
     send, receive = open_writer_channel(4)
     writer = Writer(database, receive)
-    scheduler = Scheduler(config, client, send, coverage=no_coverage,  # type: ignore[arg-type]
+    scheduler = Scheduler(config, client, send, series_state=no_coverage,  # type: ignore[arg-type]
                           today=lambda: dt.date(2024, 3, 15))
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -245,7 +245,7 @@ async def test_an_interrupted_cycle_is_recorded_as_interrupted(database: str) ->
     client = CountingClient(gate=trio.Event())  # requests never come back
     send, receive = open_writer_channel(4)
     writer = Writer(database, receive)
-    scheduler = Scheduler(config, client, send, coverage=no_coverage,  # type: ignore[arg-type]
+    scheduler = Scheduler(config, client, send, series_state=no_coverage,  # type: ignore[arg-type]
                           today=lambda: dt.date(2024, 3, 15))
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)

@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 import httpx
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -26,11 +27,12 @@ from daemon.config import PolygonConfig, RetryConfig, Secret
 from daemon.errors import (
     ApiAuthError,
     ApiError,
+    ApiKeyRefused,
     ApiRequestError,
     ApiServerError,
     ApiTransportError,
-    BadData,
     BadResponse,
+    NotEntitled,
     RateLimited,
 )
 from daemon.polygon import ClientStatistics, Page, PolygonClient
@@ -289,15 +291,24 @@ async def test_no_results_key_is_an_empty_last_page(autojump_clock: trio.testing
         # NaN and inf cannot be written in JSON: the decoder refuses them (BadResponse, below).
     ],
 )
-async def test_impossible_bars_raise_bad_data_without_retry(
+async def test_impossible_bars_are_quarantined_and_the_rest_kept(
     bad: dict[str, Any], reason: str, autojump_clock: trio.testing.MockClock
 ) -> None:
-    api = Api(ok([bar(FROM + 86_400_000), bad]))
+    good = bar(FROM + 2 * 86_400_000)
+    api = Api(ok([bar(FROM + 86_400_000), bad, good]))
     async with make_client(api) as client:
-        with pytest.raises(BadData, match=reason):
-            await collect(client)
-    assert len(api.calls) == 1
-    stats(client, total_requests=1, retries=0, failures=1, pages=0, bars=0)
+        [page] = await collect(client)
+    assert len(api.calls) == 1  # not retried: the same request would return the same bars
+    assert [b.t for b in page.bars] == [t for t in (FROM + 86_400_000, FROM + 2 * 86_400_000)
+                                        if reason != "repeated" or t != bad["t"]]
+    [q, *more] = page.quarantined
+    assert reason in q.reason and msgspec.json.decode(q.raw)["t"] == bad["t"]
+    # a t the page can place is kept; one outside the range cannot be (the page is held out)
+    assert q.t == (None if "outside the requested" in reason else bad["t"])
+    if reason == "repeated":  # every copy of a repeated t: which one is right is unknown
+        assert len(more) == 1 and more[0].t == bad["t"]
+    stats(client, total_requests=1, retries=0, failures=0, pages=1, bars=len(page.bars),
+          bars_quarantined=len(page.quarantined))
 
 
 # --- retries: exact schedules -----------------------------------------------------------------
@@ -396,12 +407,11 @@ async def test_5xx_every_time_raises_server_error_with_status(
         raw(200, b'{"status":"OK","results":null}'),
         raw(200, b'{"status":"ERROR","error":"internal"}'),
         raw(200, b'{"status":"OK","results":{"t":1}}'),
-        raw(200, b'{"status":"OK","results":[{"o":"1","h":2,"l":0.5,"c":1,"v":1,"t":1}]}'),
         raw(200, b'{"status":"OK","results":[{"o":NaN,"h":2,"l":0.5,"c":1,"v":1,"t":1}]}'),
         raw(200, b""),
     ],
     ids=["content-length", "cut-json", "html", "results-null", "status-error", "shape",
-         "string-price", "nan", "empty"],
+         "nan", "empty"],
 )
 async def test_bad_bodies_are_retried(
     broken: Reply, autojump_clock: trio.testing.MockClock
@@ -411,6 +421,19 @@ async def test_bad_bodies_are_retried(
         (page,) = await collect(client)
     assert api.times == [0.0, 1.0] and len(page.bars) == 2 and page.attempts == 2
     stats(client, total_requests=2, retries=1, failures=0)
+
+
+async def test_an_undecodable_bar_spoils_that_bar_not_the_page(
+        autojump_clock: trio.testing.MockClock) -> None:
+    good = [bar(FROM + i * 86_400_000) for i in range(1, 4)]
+    spoilt = [good[0], {**good[1], "o": "12.5x"}, {k: v for k, v in good[2].items() if k != "t"}]
+    api = Api(ok(spoilt))
+    async with make_client(api) as client:
+        [page] = await collect(client)
+    assert len(api.calls) == 1 and [b.t for b in page.bars] == [good[0]["t"]]
+    price, no_t = page.quarantined
+    assert price.t == good[1]["t"] and "undecodable bar" in price.reason and "12.5x" in price.raw
+    assert no_t.t is None and '"t"' not in no_t.raw and "undecodable" in no_t.reason
 
 
 async def test_bad_body_every_time_raises_bad_response(
@@ -478,7 +501,27 @@ async def test_a_hung_response_times_out_after_timeout_seconds(
     stats(client, total_requests=2, failures=1)
 
 
-@pytest.mark.parametrize(("status", "error"), [(401, ApiAuthError), (403, ApiAuthError),
+@pytest.mark.parametrize(("status", "body", "error"), [
+    (401, {"status": "NOT_AUTHORIZED", "message": "Unknown API Key"}, "ApiKeyRefused"),
+    (403, {"status": "NOT_AUTHORIZED", "message": "Unknown API Key"}, "ApiKeyRefused"),
+    (403, {"status": "ERROR", "error": "Invalid API key"}, "ApiKeyRefused"),
+    (403, {"status": "NOT_AUTHORIZED", "message": "You are not entitled to this data. Please "
+           "upgrade your plan at https://polygon.io/pricing"}, "NotEntitled"),
+    (200, {"status": "NOT_AUTHORIZED", "message": "You are not entitled to this data."},
+     "NotEntitled"),
+])
+async def test_a_refused_key_is_told_from_a_refused_entitlement(
+    status: int, body: dict[str, str], error: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = Api(raw(status, msgspec.json.encode(body)))
+    async with make_client(api) as client:
+        with pytest.raises(ApiAuthError) as caught:
+            await collect(client)
+    assert type(caught.value).__name__ == error and api.times == [0.0]  # never retried
+    assert isinstance(caught.value, ApiKeyRefused if error == "ApiKeyRefused" else NotEntitled)
+
+
+@pytest.mark.parametrize(("status", "error"), [(401, ApiKeyRefused), (403, ApiKeyRefused),
                                                (400, ApiRequestError), (404, ApiRequestError),
                                                (301, ApiRequestError)])
 async def test_client_errors_are_not_retried(
@@ -574,8 +617,6 @@ async def test_the_key_never_appears_in_errors_logs_or_reprs(
         raw(500, f"<html>debug: key={KEY}</html>".encode()),
         raw(429, f'{{"error":"over budget for {KEY}"}}'.encode()),
         raw(200, f'{{"status":"ERROR","error":"{KEY}"}}'.encode()),
-        raw(200, f'{{"status":"OK","results":[{{"{KEY}":1}}]}}'.encode()),
-        raw(200, f'{{"status":"OK","results":[{{"o":"{KEY}"}}]}}'.encode()),
         raw(200, KEY.encode()),
         fail(httpx.ConnectError(f"cannot connect with {KEY}")),
         fail(httpx.ReadTimeout(f"Bearer {KEY}")),
@@ -595,6 +636,13 @@ async def test_the_key_never_appears_in_errors_logs_or_reprs(
                 chain = chain.__cause__ or chain.__context__
             texts += [repr(client), repr(client.statistics())]
             assert all(KEY not in str(r.url) for r in api.requests)
+    # bars that echo it are quarantined (their raw JSON goes to the database): scrubbed too
+    for reply in (raw(200, f'{{"status":"OK","results":[{{"{KEY}":1}}]}}'.encode()),
+                  raw(200, f'{{"status":"OK","results":[{{"o":"{KEY}"}}]}}'.encode())):
+        async with make_client(Api(reply), retry=retry) as client:
+            [page] = await collect(client)
+        assert page.quarantined
+        texts += [repr(page), *(f"{q.raw} {q.reason}" for q in page.quarantined)]
     page_text = repr(Page(bars=[], attempts=1, api_seconds=0.0, bytes=0, last=True))
     texts += [page_text, "\n".join(logs)]
     assert logs, "the retries were logged"

@@ -16,13 +16,14 @@ import trio
 
 from daemon.bars import Bar
 from daemon.config import parse_config
-from daemon.errors import ApiAuthError, BadData
+from daemon.db import SeriesState
+from daemon.errors import ApiKeyRefused, ApiServerError
 from daemon.jobs import JobOutcome
 from daemon.market_calendar import et_midnight_ms
 from daemon.planning import FetchRange, expected_aggregates, plan_series, split_range
 from daemon.polygon import ClientStatistics, Page
 from daemon.scheduler import Scheduler
-from daemon.spans import EMPTY, Spans, spans
+from daemon.spans import EMPTY, spans
 from daemon.timeframes import Timeframe, parse_timeframe
 from daemon.writer import JobFinished, PageWrite, open_writer_channel
 
@@ -65,13 +66,13 @@ class ScriptedClient:
                        last=i == self.pages_per_job - 1)
 
 
-async def no_coverage(symbol: str) -> dict[tuple[str, str], Spans]:
+async def no_coverage(symbol: str) -> dict[tuple[str, str], SeriesState]:
     return {}
 
 
 def make(cfg: object, client: ScriptedClient) -> tuple[Scheduler, trio.MemoryReceiveChannel]:
     send, receive = open_writer_channel(4)
-    sched = Scheduler(cfg, client, send, coverage=no_coverage,  # type: ignore[arg-type]
+    sched = Scheduler(cfg, client, send, series_state=no_coverage,  # type: ignore[arg-type]
                       today=lambda: TODAY)
     return sched, receive
 
@@ -231,7 +232,7 @@ async def test_auth_error_fails_the_rest_without_requests(autojump_clock: trio.a
     cfg = config(symbols=["A", "B", "C"], timeframes=["1d"], start="2024-01-02",
                  max_concurrent_symbols=1, stagger_seconds=0.0)
     client = ScriptedClient(seconds=1.0)
-    client.fail["A"] = ApiAuthError("401 NOT_AUTHORIZED: unknown API key", status=401)
+    client.fail["A"] = ApiKeyRefused("401 NOT_AUTHORIZED: unknown API key", status=401)
     sched, receive = make(cfg, client)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(acknowledge, receive)
@@ -242,17 +243,17 @@ async def test_auth_error_fails_the_rest_without_requests(autojump_clock: trio.a
     assert all("NOT_AUTHORIZED" in (j.error or "") for j in cycle.failed)
 
 
-async def test_bad_data_fails_one_job_only(autojump_clock: trio.abc.Clock) -> None:
+async def test_an_api_failure_fails_one_job_only(autojump_clock: trio.abc.Clock) -> None:
     cfg = config(symbols=["A", "B"], timeframes=["1d"], start="2024-01-02")
     client = ScriptedClient(seconds=1.0)
-    client.fail["A"] = BadData("bar t=1: high 1 < low 2")
+    client.fail["A"] = ApiServerError("gave up after 5 attempts; last: HTTP 503")
     sched, receive = make(cfg, client)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(acknowledge, receive)
         cycle = await sched.run(once=True)
     assert cycle is not None
     assert [(j.symbol, j.error) for j in cycle.failed] == [
-        ("A", "BadData: bar t=1: high 1 < low 2")]
+        ("A", "ApiServerError: gave up after 5 attempts; last: HTTP 503")]
     assert cycle.symbols == {"A": "failed", "B": "done"}
 
 
@@ -379,7 +380,7 @@ async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
     start = et_midnight_ms(dt.date(2024, 1, 2))
     client = SeriesClient(start, 36 * 400, page_bars=400, seconds=0.4)  # 36 pages
     send, receive = open_writer_channel(4)
-    sched = Scheduler(cfg, client, send, coverage=no_coverage,  # type: ignore[arg-type]
+    sched = Scheduler(cfg, client, send, series_state=no_coverage,  # type: ignore[arg-type]
                       today=lambda: TODAY)
     written: list[int] = []
     covered: list[tuple[int, int]] = []

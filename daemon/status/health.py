@@ -11,7 +11,7 @@ from typing import Any
 from ..cycles import SchedulerState
 from ..snapshot import Snapshot
 from ..timefmt import human_age, iso
-from .views import limiter_report, rounded
+from .views import breaker_report, limiter_report, rounded
 
 __all__ = ["FAILURE_UNHEALTHY", "LATE_GRACE_SECONDS", "WRITE_STUCK_SECONDS", "scheduler_health"]
 
@@ -24,16 +24,16 @@ WRITE_STUCK_SECONDS = 60.0
 
 
 def circuit(snap: Snapshot) -> dict[str, Any]:
-    """The API gate as a circuit: open while a Retry-After holds every request, throttled while
-    the rate is cut after 429s, closed otherwise."""
+    """The API gate: the circuit breaker's state and, beside it, the rate limiter's (paused by a
+    Retry-After, throttled after 429s, or at its configured rate)."""
     stats = snap.limiter
     if stats.paused_until is not None:
-        state = "open"
+        rate = "paused"
     elif stats.effective_per_minute < stats.configured_per_minute:
-        state = "throttled"
+        rate = "throttled"
     else:
-        state = "closed"
-    return {"state": state, **limiter_report(snap)}
+        rate = "full"
+    return {**breaker_report(snap), "rate": rate, **limiter_report(snap)}
 
 
 def scheduler_health(snap: Snapshot, database_error: str | None) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def scheduler_health(snap: Snapshot, database_error: str | None) -> dict[str, An
     judged = cycle if cycle is not None and cycle.jobs_done else last
     failure_rate = None
     if judged is not None:
-        done = [j for j in judged.jobs if j.done and not j.cancelled]
+        done = [j for j in judged.jobs if j.done and not j.cancelled and not j.not_entitled]
         failed = len(judged.failed)
         failure_rate = failed / len(done) if done else 0.0
         label = f"execution {judged.number}"
@@ -90,12 +90,25 @@ def scheduler_health(snap: Snapshot, database_error: str | None) -> dict[str, An
             unhealthy.append(f"{failed} of {len(done)} jobs failed in {label}")
         elif failed:
             degraded.append(f"{failed} of {len(done)} jobs failed in {label}")
+        refused = judged.not_entitled
+        if refused:
+            names = ", ".join(f"{j.symbol} {j.timeframe}" for j in refused[:5])
+            more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+            degraded.append(f"{len(refused)} series not entitled (the API plan does not cover "
+                            f"them) in {label}: {names}{more}")
+        if judged.quarantined:
+            degraded.append(f"{judged.quarantined} bars quarantined in {label} (impossible or "
+                            "undecodable; asked again each top-up)")
 
     gate = circuit(snap)
-    if gate["state"] == "open":
+    if gate["state"] != "closed":
+        degraded.append(f"the API is unavailable: circuit {gate['state']} for "
+                        f"{gate['open_seconds'] or 0:.0f} s, {gate['probes']} probe(s); work "
+                        "waits and resumes by itself")
+    if gate["rate"] == "paused":
         degraded.append(f"the API asked us to wait (Retry-After): no requests for "
                         f"{gate['paused_for_seconds']:.1f} s")
-    elif gate["state"] == "throttled":
+    elif gate["rate"] == "throttled":
         degraded.append(f"request rate cut to {gate['effective_per_minute']:g}/min of "
                         f"{gate['configured_per_minute']:g} after 429s")
 

@@ -12,6 +12,11 @@ cached database answers, passed in with the snapshot.
     backfilld_api_failures_total            pages that failed for good
     backfilld_api_bytes_total               response bytes read
     backfilld_api_in_flight / _waiting      requests holding / waiting for a slot or token
+    backfilld_bars_quarantined_total        bars that did not decode or validate
+    backfilld_circuit_open                  1 while the API circuit breaker is open
+    backfilld_circuit_opened_total          times it opened
+    backfilld_circuit_open_seconds_total    seconds it has been open
+    backfilld_circuit_probes                probes of the current (or last) outage
     backfilld_rate_limit_per_minute{kind}   configured and effective (after 429s) rate
     backfilld_bars_written_total            bars committed
     backfilld_pages_written_total           pages committed
@@ -21,7 +26,8 @@ cached database answers, passed in with the snapshot.
     backfilld_write_seconds                 histogram: one page's transaction
     backfilld_cycles_total{status}          finished cycles by outcome (ok/failed/interrupted)
     backfilld_cycle_running                 1 while a cycle runs
-    backfilld_cycle_jobs{state}             the running (else last) cycle's jobs: done/failed/total
+    backfilld_cycle_jobs{state}             the running (else last) cycle's jobs: done/failed/
+                                            not_entitled/total
     backfilld_last_cycle_end_timestamp_seconds
     backfilld_last_cycle_duration_seconds
     backfilld_series{timeframe,class}       configured series per staleness class
@@ -90,6 +96,17 @@ class _SnapshotCollector(Collector):
         yield counter("backfilld_api_retries", "Attempts that followed a failed one", api.retries)
         yield counter("backfilld_api_failures", "Pages that failed for good", api.failures)
         yield counter("backfilld_api_bytes", "Response bytes read", api.bytes_received)
+        yield counter("backfilld_bars_quarantined", "Bars that did not decode or validate",
+                      api.bars_quarantined)
+        breaker = snap.breaker
+        yield gauge("backfilld_circuit_open", "1 while the API circuit breaker is open",
+                    int(breaker.open_since is not None))
+        yield counter("backfilld_circuit_opened", "Times the circuit opened",
+                      breaker.opened_total)
+        yield counter("backfilld_circuit_open_seconds", "Seconds the circuit has been open",
+                      breaker.open_seconds_total)
+        yield gauge("backfilld_circuit_probes", "Probes sent in the current (or last) outage",
+                    breaker.probes)
         yield gauge("backfilld_api_in_flight", "Requests in flight", limiter.in_flight)
         yield gauge("backfilld_api_waiting", "Requests waiting for a slot or token",
                     limiter.waiting)
@@ -129,6 +146,7 @@ class _SnapshotCollector(Collector):
             jobs.add_metric(["total"], len(shown.jobs))
             jobs.add_metric(["done"], shown.jobs_done)
             jobs.add_metric(["failed"], len(shown.failed))
+            jobs.add_metric(["not_entitled"], len(shown.not_entitled))
             yield jobs
         last = sched.last_cycle
         if last is not None and last.finished is not None:

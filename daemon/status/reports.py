@@ -47,9 +47,15 @@ def staleness_report(url: str, config: Config, now_ms: int) -> dict[str, Any]:
                 "last_attempt": iso_ms(row.last_attempt_ms if row else None),
                 "last_error": row.last_error if row else None,
                 "last_error_at": iso_ms(row.last_error_ms if row else None),
+                "not_entitled": row.refused_reason if row and row.refused_ms else None,
+                "not_entitled_since": iso_ms(row.refused_ms if row else None),
+                "quarantined": row.quarantined if row else 0,
             })
+    refused = sum(1 for s in series if s["not_entitled"])
     return {
         "now": iso_ms(now_ms),
+        "not_entitled": refused,
+        "quarantined": sum(s["quarantined"] for s in series),
         "thresholds_hours": {"fresh": thresholds.fresh_hours, "aging": thresholds.aging_hours,
                              "stale": thresholds.stale_hours},
         "counts": counts,

@@ -12,7 +12,7 @@ from ..cycles import CycleSnapshot, SchedulerState, SymbolState
 from ..snapshot import Snapshot
 from ..timefmt import iso
 
-__all__ = ["cycle_report", "limiter_report", "rounded", "status_report"]
+__all__ = ["breaker_report", "cycle_report", "limiter_report", "rounded", "status_report"]
 
 # Failed jobs listed per cycle; the rest are counted.
 FAILED_JOBS_LISTED = 50
@@ -51,6 +51,7 @@ def status_report(snap: Snapshot) -> dict[str, Any]:
         "last_cycle": None if last is None else cycle_report(snap, last, running=False),
         "next_cycle_at": iso(next_at),
         "rate_limiter": limiter_report(snap),
+        "circuit": breaker_report(snap),
         "total_requests": api.total_requests,
         "rate_limited_count": api.rate_limited_count,
         "retries": api.retries,
@@ -59,6 +60,7 @@ def status_report(snap: Snapshot) -> dict[str, Any]:
             "pages": api.pages,
             "bars": api.bars,
             "bytes_received": api.bytes_received,
+            "bars_quarantined": api.bars_quarantined,
         },
         "writer": {
             "connected": writer.connected,
@@ -80,6 +82,8 @@ def status_report(snap: Snapshot) -> dict[str, Any]:
 def cycle_report(snap: Snapshot, cycle: CycleSnapshot, *, running: bool) -> dict[str, Any]:
     per_symbol: dict[str, list[int]] = {}  # symbol -> [done, jobs, failed, bars]
     failed_jobs = []
+    refused = [{"symbol": j.symbol, "timeframe": j.timeframe, "message": j.error}
+               for j in cycle.jobs if j.not_entitled]
     for job in cycle.jobs:
         counts = per_symbol.setdefault(job.symbol, [0, 0, 0, 0])
         counts[1] += 1
@@ -112,7 +116,9 @@ def cycle_report(snap: Snapshot, cycle: CycleSnapshot, *, running: bool) -> dict
         # planned so far, plus one per timeframe for each symbol still to plan
         "jobs_total": len(cycle.jobs) + queued * snap.scheduler.timeframes,
         "jobs_failed": len(failed_jobs),
+        "jobs_not_entitled": len(refused),
         "bars_written": cycle.bars_written,
+        "bars_quarantined": cycle.quarantined,
         "requests": cycle.requests,
         "rate_limited": cycle.rate_limited,
         "retries": cycle.retries,
@@ -120,6 +126,7 @@ def cycle_report(snap: Snapshot, cycle: CycleSnapshot, *, running: bool) -> dict
         "symbol_states": states,
         "symbols": symbols,
         "failed_jobs": failed_jobs[-FAILED_JOBS_LISTED:],
+        "not_entitled": refused[-FAILED_JOBS_LISTED:],
     }
     if cycle.auth_error:
         report["auth_error"] = cycle.auth_error
@@ -137,6 +144,23 @@ def limiter_report(snap: Snapshot) -> dict[str, Any]:
         "paused_for_seconds": rounded(paused),
         "total_granted": stats.total_granted,
         "max_in_flight": stats.max_in_flight,
+    }
+
+
+def breaker_report(snap: Snapshot) -> dict[str, Any]:
+    """The circuit breaker (daemon.breaker): closed, or open since when, probing how often."""
+    b = snap.breaker
+    return {
+        "state": b.state.value,
+        "open_since": None if b.opened_at is None or b.open_since is None else iso(b.opened_at),
+        "open_seconds": None if b.open_since is None else rounded(snap.now - b.open_since),
+        "probes": b.probes,
+        "next_probe_in_seconds": None if b.next_probe_at is None else rounded(
+            max(0.0, b.next_probe_at - snap.now)),
+        "waiting": b.waiting,
+        "consecutive_failures": b.consecutive_failures,
+        "failure_threshold": b.threshold,
+        "opened_total": b.opened_total,
     }
 
 
