@@ -60,7 +60,7 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 
 import attrs
 import psycopg
@@ -571,36 +571,72 @@ WHERE (%(symbol)s::text IS NULL OR symbol = %(symbol)s)
 
 
 def rebuild(url: str, *, symbol: str | None = None, timeframe: str | None = None,
-            progress: Callable[[int, int], None] | None = None,
+            progress: Callable[[int, int], None] | None = None, jobs: int = 1,
             chunk_bars: int = CHUNK_BARS) -> int:
     """Recompute the features of every series with bars (or of one symbol / timeframe) from
     scratch, series by series, each in one transaction of chunked statements (bounded memory
-    on both sides). A series' dirty marker is claimed and cleared like process_dirty does;
-    a series being computed elsewhere is waited for. Returns the rows written.
+    on both sides), rewriting only the rows that differ. A series' dirty marker is claimed and
+    cleared like process_dirty does; a series being computed elsewhere is waited for. Returns
+    the rows written.
+
+    `jobs` connections compute different series at once: each uses one server core (two on
+    the 2-core reference machine measured 1.45 x one).
 
     `progress(done, total)` is called with series counts: once before the first, then after
-    each series.
+    each series (from the worker threads when `jobs` > 1, one call at a time).
 
-    Error handling: raises DatabaseUnavailable or DatabaseError (the series in progress is
-    rolled back; those before it stay rebuilt).
+    Error handling: raises DatabaseUnavailable or DatabaseError; the series in progress is
+    rolled back, the workers stop after their current series, and those done stay rebuilt.
     """
-    conn = db.connect(url, autocommit=True)
-    try:
+    with _translated("rebuilding features"), closing(db.connect(url, autocommit=True)) as conn:
         series = [_Key(s, tf) for s, tf in conn.execute(
             _SERIES, {"symbol": symbol, "timeframe": timeframe}).fetchall()]
-        if progress is not None:
-            progress(0, len(series))
-        rows = 0
-        for done, key in enumerate(series, 1):
-            rows += _process_series(conn, key, chunk_bars=chunk_bars, from_scratch=True,
-                                    wait=True) or 0
-            if progress is not None:
-                progress(done, len(series))
-        return rows
+    total = len(series)
+    todo = iter(series)
+    lock = threading.Lock()
+    done = rows = 0
+    failures: list[BaseException] = []
+    if progress is not None:
+        progress(0, total)
+
+    def work() -> None:
+        nonlocal done, rows
+        try:
+            with (_translated("rebuilding features"),
+                  closing(db.connect(url, autocommit=True)) as conn):
+                while True:
+                    with lock:
+                        key = None if failures else next(todo, None)
+                    if key is None:
+                        return
+                    written = _process_series(conn, key, chunk_bars=chunk_bars,
+                                              from_scratch=True, wait=True) or 0
+                    with lock:
+                        done, rows = done + 1, rows + written
+                        if progress is not None:
+                            progress(done, total)
+        except BaseException as exc:  # re-raised by the caller's thread
+            with lock:
+                failures.append(exc)
+
+    workers = [threading.Thread(target=work, name=f"features-rebuild-{n}")
+               for n in range(1, min(jobs, total))]
+    for worker in workers:
+        worker.start()
+    work()
+    for worker in workers:
+        worker.join()
+    if failures:
+        raise failures[0]
+    return rows
+
+
+@contextmanager
+def _translated(doing: str) -> Iterator[None]:
+    try:
+        yield
     except psycopg.Error as exc:
-        raise _translate(exc, "rebuilding features") from None
-    finally:
-        conn.close()
+        raise _translate(exc, doing) from None
 
 
 # --- lag, for the staleness endpoint ---------------------------------------------------------

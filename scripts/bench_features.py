@@ -8,7 +8,9 @@
    transaction marking its series dirty, a FeaturesTask notified after each commit: the wiring
    the composition root will have. Writer bars/s, features/s over the same span, and how long
    features trailed the last commit.
-2. rebuild: the same bars from scratch, series by series (features.rebuild): features/s.
+2. rebuild: the same bars from scratch, series by series (features.rebuild), into an empty
+   features table, again over correct features (nothing written), and with two connections
+   (`jobs=2`): features/s.
 3. top-ups: a few new bars (plus the 3 re-sent overlap bars, as a top-up cycle sends them)
    committed for one series at a time: latency from the commit to its features being computed
    (the task's coalescing included), and the computation alone, against the 2-3 s per symbol of
@@ -163,17 +165,25 @@ async def backfill_and_top_ups(url: str, data: dict[str, list[Bar]], backfill_ba
     return out
 
 
-def bench_rebuild(url: str) -> dict[str, object]:
-    started = time.perf_counter()
-    rows = features.rebuild(url)
-    seconds = time.perf_counter() - started
-    result = {"rows": rows, "seconds": round(seconds, 2), "features_per_s": round(rows / seconds)}
+def bench_rebuild(url: str, bars: int) -> dict[str, object]:
+    """From scratch into an empty table (the first computation, alone on the machine), then
+    again over features that are all right already (computed, compared, nothing written)."""
+    result: dict[str, object] = {}
+    for name, jobs in (("empty_table", 1), ("nothing_changed", 1), ("empty_table_2_jobs", 2)):
+        if name.startswith("empty"):
+            with psycopg.connect(url) as conn:
+                conn.execute("TRUNCATE features, features_progress")
+        started = time.perf_counter()
+        rows = features.rebuild(url, jobs=jobs)
+        seconds = time.perf_counter() - started
+        result[name] = {"bars": bars, "rows_written": rows, "seconds": round(seconds, 2),
+                        "features_per_s": round(bars / seconds)}
     print(json.dumps({"rebuild": result}), flush=True)
     return result
 
 
 def profile(url: str, symbol: str) -> dict[str, object]:
-    """EXPLAIN ANALYZE of one chunk's statement (rolled back), node by node."""
+    """EXPLAIN ANALYZE of one chunk's first computation (rolled back), node by node."""
     with psycopg.connect(url) as conn:
         params = {"symbol": symbol, "timeframe": TIMEFRAME, "from": features._BEGINNING,
                   "lookback": features._BEGINNING, "alpha": features.EMA_ALPHA,
@@ -182,7 +192,6 @@ def profile(url: str, symbol: str) -> dict[str, object]:
                            " OFFSET %s LIMIT 1", (symbol, TIMEFRAME, features.CHUNK_BARS)
                            ).fetchone()
         params["to"] = end[0] if end else features._END
-        conn.execute("DELETE FROM features WHERE symbol = %s", (symbol,))
         plan = [r[0] for r in conn.execute("EXPLAIN (ANALYZE, COSTS OFF) " + features._APPEND,
                                            params).fetchall()]
         conn.rollback()
@@ -216,8 +225,11 @@ def main() -> None:
         db.apply_migrations(url)
         results.update(trio.run(backfill_and_top_ups, url, data, per_series * len(SYMBOLS),
                                 args.top_ups))
-        results["rebuild"] = bench_rebuild(url)
-        results["profile"] = profile(url, SYMBOLS[0])
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT count(*) FROM bars").fetchone()
+            conn.execute("TRUNCATE features, features_progress")
+        results["profile"] = profile(url, SYMBOLS[0])  # a first computation: empty table
+        results["rebuild"] = bench_rebuild(url, int(row[0]) if row else 0)
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

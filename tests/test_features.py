@@ -513,6 +513,13 @@ def test_rebuild(database: str) -> None:
     # AAPL 1d is as it should be: nothing of it is rewritten
     assert features.rebuild(database, timeframe="1d") == len(other)
     assert features.rebuild(database) == 0
+    with psycopg.connect(database) as conn:
+        conn.execute("TRUNCATE features")
+    calls.clear()
+    assert features.rebuild(database, jobs=2, progress=lambda *a: calls.append(a)) == (
+        len(daily) + len(hourly) + len(other))
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]  # one call at a time, counting up
+    assert_matches(stored(database, "MSFT", "1d"), reference(other))
 
 
 def test_read_features_lag(database: str) -> None:

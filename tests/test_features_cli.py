@@ -37,7 +37,7 @@ def test_rebuild_from_the_configs_database(database: str, tmp_path: Path,
     assert stored(database, "MSFT", "1h") == []
     out = io.StringIO()
     monkeypatch.setenv("BACKFILLD_CONFIG", str(config))
-    assert run_features(_args("rebuild"), out) == 0
+    assert run_features(_args("rebuild", "--jobs", "2"), out) == 0
     assert f"2 series, {len(hourly):,} rows" in out.getvalue()  # AAPL 1d was right already
 
 
