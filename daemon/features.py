@@ -44,9 +44,10 @@ A recomputation from bar B reads the 49 bars before B (the widest window is 50 b
 the EMA from the stored feature row of the bar just before B; if that row is missing (features
 never computed there), it computes the series from scratch instead. Each statement covers at most
 CHUNK_BARS bars, carrying the EMA from the previous chunk, so memory stays bounded however long
-the series. The moving windows restart for every row (PostgreSQL's float8 aggregates have no
-inverse transition, which is why their sums do not drift): every value is a deterministic
-function of its window, so an incremental result equals a from-scratch one bit for bit.
+the series. A moving window is aggregated afresh for every row (PostgreSQL's float8 aggregates
+have no inverse transition: that costs time, but sums never drift), so every value is a
+deterministic function of its window and an incremental result equals a from-scratch one bit for
+bit.
 
 Error handling: a lost connection or an unreachable server is DatabaseUnavailable (the caller
 waits it out: FeaturesTask through `db.run_when_available`); any other statement rejected while
@@ -278,11 +279,12 @@ WHERE f.symbol = %(symbol)s AND f.timeframe = %(timeframe)s AND NOT EXISTS (
 # Features are derived and their marker goes in the same transaction: a commit lost in a crash
 # is computed again, so it need not wait for the WAL flush (top-up latency).
 _RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
-# Partition years are UTC years, as for bars.
+# Every year of the series (two index probes; a year that has its partition costs a lookup):
+# a computation from a bar may turn into one from scratch. Partition years are UTC years.
 _ENSURE_PARTITIONS = """
 SELECT features_ensure_partition(y) FROM generate_series(
     (SELECT extract(year FROM min(ts) AT TIME ZONE 'UTC')::int FROM bars
-     WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s AND ts >= %(from)s),
+     WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s),
     (SELECT extract(year FROM max(ts) AT TIME ZONE 'UTC')::int FROM bars
      WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s)) AS y
 """
@@ -317,7 +319,7 @@ def recompute_series(conn: psycopg.Connection, symbol: str, timeframe: str,
     key = _Key(symbol, timeframe)
     try:
         with _series_lock(conn, key, wait=True):
-            _ensure_partitions(conn, key, from_ms)
+            _ensure_partitions(conn, key)
             with conn.transaction(), conn.cursor() as cur:
                 return _recompute(cur, key, from_ms, chunk_bars)
     except psycopg.Error as exc:
@@ -372,15 +374,14 @@ def _timestamps(cur: psycopg.Cursor, query: str, params: dict[str, object]
     return list(row) if row is not None else []
 
 
-def _ensure_partitions(conn: psycopg.Connection, key: _Key, from_ms: int | None) -> None:
-    """The features partitions for the years of the series' bars from `from_ms` on.
+def _ensure_partitions(conn: psycopg.Connection, key: _Key) -> None:
+    """The features partitions for the years of the series' bars.
 
     In its own short transaction: creating a partition locks the whole `features` table, which
     must not last as long as a computation.
     """
-    start = _BEGINNING if from_ms is None else db.from_ms(from_ms)
     with conn.transaction():
-        conn.execute(_ENSURE_PARTITIONS, key.params(**{"from": start}))
+        conn.execute(_ENSURE_PARTITIONS, key.params())
 
 
 @contextmanager
@@ -541,7 +542,7 @@ def _process_series(conn: psycopg.Connection, key: _Key, *, chunk_bars: int,
         from_ms = None if from_scratch or claim is None else claim.from_ms
         compute = from_scratch or from_ms is not None
         if compute:
-            _ensure_partitions(conn, key, from_ms)
+            _ensure_partitions(conn, key)
         with conn.transaction(), conn.cursor() as cur:
             written = _recompute(cur, key, from_ms, chunk_bars) if compute else 0
             if claim is not None:

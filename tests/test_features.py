@@ -378,7 +378,8 @@ def test_coalescing_many_pages_compute_once(database: str) -> None:
 
 
 def test_features_never_computed_before_the_marker(database: str) -> None:
-    bars = truth_bars("AAPL", "1d", 300)
+    bars = truth_bars("AAPL", "1d", 300, start=et_midnight_ms(dt.date(2022, 9, 1)))
+    assert time.gmtime(bars[0][0] // 1000).tm_year < time.gmtime(bars[150][0] // 1000).tm_year
     with psycopg.connect(database) as conn:
         load(conn, "AAPL", "1d", bars)
     # Dirty from the middle, but nothing was ever computed before it: no EMA to carry.
