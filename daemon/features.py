@@ -743,6 +743,7 @@ class FeaturesTask:
         self._url = url
         self._coalesce_seconds = coalesce_seconds
         self._poll_seconds = poll_seconds
+        self._owns_connection = run_pass is None
         self._run_pass = run_pass or self._database_pass
         self._limiter = trio.CapacityLimiter(1)
         self._conn: psycopg.Connection | None = None
@@ -781,7 +782,7 @@ class FeaturesTask:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (waiting for the database), report started, then serve passes forever."""
         try:
-            if self._run_pass == self._database_pass:
+            if self._owns_connection:
                 await db.run_when_available(self._connect, limiter=self._limiter)
             task_status.started()
             await self._serve_pass()
