@@ -169,6 +169,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _features_arguments(p: argparse.ArgumentParser) -> None:
+    from .features_cli import add_features_arguments
+
+    add_features_arguments(p)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from .features_cli import run_features
+
+    return run_features(args)
+
+
 # name -> (help, add its arguments, run it)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
@@ -180,6 +192,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "status": ("what a running daemon is doing, as tables", _status_arguments, cmd_status),
     "demo": ("a complete backfill against the simulator, in a minute", _demo_arguments,
              cmd_demo),
+    "features": ("recompute the derived features (features rebuild)", _features_arguments,
+                 cmd_features),
 }
 
 

@@ -5,6 +5,7 @@
      ├─ status      the HTTP status server (started after the writer)
      ├─ watchdog    WATCHDOG=1 while the writer makes progress; STATUS= updates (after READY)
      ├─ shutdown    turns a stop into deadlines on the work and writer scopes
+     ├─ features    recomputes the features of series the writer marked dirty (own connection)
      └─ work nursery
          ├─ writer     started first (connected, stage ready)
          └─ scheduler  cycles of jobs → pages → the writer's channel
@@ -45,6 +46,8 @@ GRACE_SECONDS = 15.0
 # The writer's extra time after the grace to commit what is queued (pages are ~50-100 ms each).
 WRITER_DRAIN_SECONDS = 10.0
 EXIT_FORCED = 130
+# `run --once` waits at most this long after its cycle for the last features to be computed.
+FEATURES_DRAIN_SECONDS = 120.0
 # At start, how long to wait for an unreachable database before exiting 3 (a server still
 # booting is waited for; a wrong URL is reported). Once running, the wait has no end.
 STARTUP_DATABASE_WAIT_SECONDS = 60.0
@@ -77,6 +80,7 @@ async def serve(
             root.start_soon(_handle_signals, controls)
             async with trio.open_nursery() as work:
                 await work.start(_run_writer, parts.writer, writer_scope)
+                await root.start(parts.features.run)
                 port = await root.start(
                     serve_status, parts.snapshot, parts.db_url, parts.config.status.host,
                     parts.config.status.port, parts.status_options)
@@ -89,6 +93,10 @@ async def serve(
                             config.polygon.requests_per_minute or "unlimited")
                 with work_scope:
                     result = await parts.scheduler.run(once=once)
+            if once and not controls.stopping:
+                # the last pages' features, before `run --once` reports done
+                with trio.move_on_after(FEATURES_DRAIN_SECONDS):
+                    await parts.features.wait_caught_up()
             root.cancel_scope.cancel()
         return result
     finally:

@@ -24,6 +24,7 @@ from loguru import logger
 from . import __version__, db, systemd
 from .breaker import CircuitBreaker
 from .config import Config
+from .features import FeaturesTask
 from .log import setup_logging
 from .polygon import PolygonClient
 from .ratelimit import RateLimiter
@@ -119,6 +120,7 @@ class Parts:
     limiter: RateLimiter
     client: PolygonClient
     writer: Writer
+    features: FeaturesTask
     scheduler: Scheduler
     controls: Controls
     snapshot: SnapshotSource
@@ -150,7 +152,8 @@ def build(
                              give_up_after=max_wait)
     client = PolygonClient(config.polygon, config.retry, limiter=limiter, breaker=breaker)
     send, receive = open_writer_channel(config.database.queue_pages)
-    writer = Writer(db_url, receive)
+    features_task = FeaturesTask(db_url)
+    writer = Writer(db_url, receive, on_commit=features_task.notify)
 
     async def read_series_state(symbol: str) -> dict[tuple[str, str], db.SeriesState]:
         return await when_available(db.read_series_state, db_url, symbol)
@@ -181,12 +184,14 @@ def build(
             limiter=limiter.statistics(),
             breaker=breaker.statistics(),
             writer=writer.statistics(),
+            features=features_task.statistics(),
             scheduler=scheduler.statistics(),
         )
 
     controls = Controls(reloader=reloader, notifier=notifier, limiter=limiter,
                         breaker=breaker, scheduler=scheduler, snapshot=snapshot)
     return Parts(config=config, db_url=db_url, notifier=notifier, reloader=reloader,
-                 limiter=limiter, client=client, writer=writer, scheduler=scheduler,
+                 limiter=limiter, client=client, writer=writer, features=features_task,
+                 scheduler=scheduler,
                  controls=controls, snapshot=snapshot,
                  status_options=status_options or StatusOptions())

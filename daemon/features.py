@@ -50,10 +50,10 @@ deterministic function of its window and an incremental result equals a from-scr
 bit.
 
 Error handling: a lost connection or an unreachable server is DatabaseUnavailable (the caller
-waits it out: FeaturesTask through `db.run_when_available`); any other statement rejected while
-computing one series rolls back that series only (its marker stays, so it is retried on the next
-pass, and FeaturesRun counts it as failed); the task logs and counts it and goes on.
-"""
+waits it out: FeaturesTask through `daemon.retrying.when_available`); any other statement
+rejected while computing one series rolls back that series only (its marker stays, so it is
+retried on the next pass, and FeaturesRun counts it as failed); the task logs and counts it and
+goes on. """
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ from loguru import logger
 
 from . import db
 from .errors import DatabaseError, DatabaseUnavailable, redact
-from .monitoring import _reader
+from .monitoring import reader
+from .retrying import when_available
 
 __all__ = [
     "CHUNK_BARS",
@@ -674,7 +675,7 @@ def read_features_lag(url: str) -> dict[tuple[str, str], FeaturesLag]:
 
     Error handling: raises DatabaseError (password redacted) and nothing else from psycopg.
     """
-    with _reader(url) as conn:
+    with reader(url) as conn:
         rows = conn.execute(_LAG).fetchall()
     return {(s, tf): FeaturesLag(_ms(bar), _ms(feature), _ms(dirty))
             for s, tf, bar, feature, dirty in rows}
@@ -729,7 +730,7 @@ class FeaturesTask:
     `run_pass` replaces the database pass (connecting included) by any async function; it
     exists for timing tests under MockClock, where a worker thread would let the clock jump.
 
-    Error handling: an unreachable database is waited out by db.run_when_available (the
+    Error handling: an unreachable database is waited out by daemon.retrying.when_available (the
     project's one retry loop; the pass is retried whole, which is safe: every step is its own
     transaction and idempotent). Any other DatabaseError fails the pass, is logged and counted
     (statistics().errors, last_error) and the task goes on; so does a series rejected inside a
@@ -757,6 +758,7 @@ class FeaturesTask:
         self._last_run_seconds: float | None = None
         self._last_latency: float | None = None
         self._last_error: tuple[float, str] | None = None
+        self._passed = trio.Event()  # set (and replaced) after each pass
 
     def notify(self) -> None:
         """Bars were committed: compute their features soon. Call from trio."""
@@ -764,6 +766,12 @@ class FeaturesTask:
         if self._pending_since is None:
             self._pending_since = trio.current_time()
         self._wake.set()
+
+    async def wait_caught_up(self) -> None:
+        """Wait until a finished pass has served every notify so far (`run --once` exits with
+        features as fresh as its bars)."""
+        while self._pending:
+            await self._passed.wait()
 
     def statistics(self) -> FeaturesStatistics:
         return FeaturesStatistics(
@@ -783,7 +791,7 @@ class FeaturesTask:
         """Connect (waiting for the database), report started, then serve passes forever."""
         try:
             if self._owns_connection:
-                await db.run_when_available(self._connect, limiter=self._limiter)
+                await when_available(self._connect, limiter=self._limiter)
             task_status.started()
             await self._serve_pass()
             while True:
@@ -812,6 +820,8 @@ class FeaturesTask:
         try:
             result = await self._run_pass()
         except DatabaseError as exc:
+            self._passed.set()
+            self._passed = trio.Event()
             self._errors += 1
             self._note_error(str(exc))
             logger.error("features pass failed: {}", exc)
@@ -820,6 +830,8 @@ class FeaturesTask:
             return
         now = trio.current_time()
         self._pending -= served
+        self._passed.set()
+        self._passed = trio.Event()
         self._runs += 1
         self._series += result.series
         self._rows += result.rows
@@ -844,7 +856,7 @@ class FeaturesTask:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_pass_when_cancelled, stop, nursery.cancel_scope)
             try:
-                result = await db.run_when_available(self._pass_in_thread, stop,
+                result = await when_available(self._pass_in_thread, stop,
                                                      limiter=self._limiter)
             except DatabaseError as exc:  # raised past the nursery, not as an ExceptionGroup
                 failure = exc

@@ -263,7 +263,7 @@ def _one_line(exc: Exception) -> str:
 
 
 @contextmanager
-def _reader(url: str) -> Iterator[psycopg.Connection]:
+def reader(url: str) -> Iterator[psycopg.Connection]:
     try:
         conn = psycopg.connect(
             url, autocommit=True, connect_timeout=READ_CONNECT_TIMEOUT_SECONDS,
@@ -287,7 +287,7 @@ def close_abandoned_executions(url: str, instance: str) -> int:
     health endpoints would show a cycle that is not running. Called once at start, before this
     process begins a cycle of its own, so every unfinished row of the instance is a dead one.
     """
-    with _reader(url) as conn:
+    with reader(url) as conn:
         cur = conn.execute(
             "UPDATE executions SET status = 'interrupted', finished_at = now(),"
             " error = coalesce(error, 'the process ended before the cycle finished')"
@@ -300,7 +300,7 @@ def close_abandoned_executions(url: str, instance: str) -> int:
 def check_database(url: str, migrations: list[Migration]) -> str | None:
     """None when the database answers and every migration is applied, else the reason."""
     try:
-        with _reader(url) as conn:
+        with reader(url) as conn:
             pending = pending_migrations(conn, migrations)
     except DatabaseError as exc:
         return str(exc)
@@ -331,7 +331,7 @@ def _ms(value: dt.datetime | None) -> int | None:
 
 def read_freshness(url: str) -> dict[tuple[str, str], Freshness]:
     """Every series' freshness row, keyed by (symbol, timeframe)."""
-    with _reader(url) as conn:
+    with reader(url) as conn:
         rows = conn.execute(
             "SELECT f.symbol, f.timeframe, last_bar_ts, last_success_at, checked_through,"
             " last_attempt_at, last_error, last_error_at, refused_at, refused_reason,"
@@ -355,7 +355,7 @@ _EXECUTION_COLUMNS = (
 def read_history(url: str, limit: int) -> list[dict[str, Any]]:
     """The `limit` latest executions, newest first, each with its failed jobs and their errors
     (at most HISTORY_FAILED_JOBS listed; `jobs_failed` counts them all)."""
-    with _reader(url) as conn:
+    with reader(url) as conn:
         executions = conn.execute(
             f"SELECT {', '.join(_EXECUTION_COLUMNS)} FROM executions"
             " ORDER BY started_at DESC LIMIT %s", (limit,)

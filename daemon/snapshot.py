@@ -19,6 +19,7 @@ import attrs
 from .breaker import BreakerStatistics
 from .config import Config
 from .cycles import SchedulerStatistics
+from .features import FeaturesStatistics
 from .polygon import ClientStatistics
 from .ratelimit import RateLimiterStatistics
 from .writer import WriterStatistics
@@ -50,6 +51,7 @@ class Snapshot:
     limiter: RateLimiterStatistics
     breaker: BreakerStatistics
     writer: WriterStatistics
+    features: FeaturesStatistics
     scheduler: SchedulerStatistics
 
     @property

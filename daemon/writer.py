@@ -27,7 +27,8 @@ Error handling:
   unwritten, and the writer goes on; the rejected span stays uncovered, so it is asked again.
 
 Monitoring rows (daemon.monitoring) ride in the same transactions: a page's freshness with its
-bars, a job's result row with its JobFinished.
+bars, a job's result row with its JobFinished; so does the features task's work order (the
+first bar a page inserted or changed marks its series dirty from there, daemon.features).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import trio
 from loguru import logger
 from tenacity import RetryCallState
 
-from . import db, monitoring
+from . import db, features, monitoring
 from .bars import Bar, Quarantined
 from .errors import DatabaseUnavailable, redact
 from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
@@ -76,7 +77,10 @@ _STAGE_COPY = (
     " FROM STDIN (FORMAT BINARY)"
 )
 _STAGE_TYPES = ["int8", "float8", "float8", "float8", "float8", "float8", "float8", "int8"]
+# Returns the first bar the page inserted or changed (NULL: nothing changed), from which the
+# series' features must be recomputed (daemon.features).
 _UPSERT = """
+WITH changed AS (
 INSERT INTO bars AS b (symbol, timeframe, ts, open, high, low, close, volume, vwap, trades)
 SELECT %(symbol)s, %(timeframe)s, 'epoch'::timestamptz + ts_ms * interval '1 millisecond',
        open, high, low, close, volume, vwap, trades
@@ -88,6 +92,8 @@ WHERE (b.open, b.high, b.low, b.close, b.volume, b.vwap, b.trades)
       IS DISTINCT FROM
       (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close,
        EXCLUDED.volume, EXCLUDED.vwap, EXCLUDED.trades)
+RETURNING ts)
+SELECT min(ts) FROM changed
 """
 # Quarantine: this page's bad bars are (re)recorded; entries inside the page's span that it
 # did not re-assert were answered well this time (their bars are in the page) and go.
@@ -354,6 +360,10 @@ class Writer:
                 for bar in bars:
                     write_row((bar.t, bar.o, bar.h, bar.l, bar.c, bar.v, bar.vw, bar.n))
             cur.execute(_UPSERT, key)
+            row = cur.fetchone()
+            if row is not None and row[0] is not None:
+                features.mark_dirty(cur, [(page.series.symbol, page.series.timeframe,
+                                           db.to_ms(row[0]))])
             monitoring.record_page(cur, page.series, max(first, last))
         lo, hi = page.span
         if page.quarantined:

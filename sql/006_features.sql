@@ -106,7 +106,9 @@ CREATE AGGREGATE features_ema(x double precision, alpha double precision,
 -- computes them once; with no feature row before that instant it computes from scratch anyway.
 INSERT INTO features_dirty (symbol, timeframe, from_ts, generation, updated_at)
 SELECT symbol, timeframe, min(from_ts), 1, now()
-FROM (SELECT symbol, timeframe, covered_from FROM checkpoints
+FROM (SELECT symbol, timeframe,
+             'epoch'::timestamptz + lower(covered) * interval '1 millisecond'
+      FROM coverage WHERE NOT isempty(covered)
       UNION ALL
       SELECT symbol, timeframe, last_bar_ts FROM series_freshness WHERE last_bar_ts IS NOT NULL)
      AS known (symbol, timeframe, from_ts)

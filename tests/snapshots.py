@@ -16,6 +16,7 @@ from daemon.cycles import (
     SchedulerStatistics,
     SymbolState,
 )
+from daemon.features import FeaturesStatistics
 from daemon.jobs import JobOutcome
 from daemon.polygon import ClientStatistics
 from daemon.ratelimit import RateLimiterStatistics
@@ -60,6 +61,7 @@ def snapshot(*, now: float = 200.0, config: Config = CONFIG, cycle: CycleSnapsho
                                       config.polygon.requests_per_minute, 0, 0, None, 0, 16),
         breaker=breaker or CircuitBreaker().statistics(),
         writer=attrs.evolve(writer_stats, **writer),
+        features=FeaturesStatistics(True, 0, 0, 0, None, None, 0, 0, None, None),
         scheduler=SchedulerStatistics(state, cycle, last_cycle, next_cycle_at, {},
                                       len(config.backfill.timeframes), 3),
     )

@@ -482,9 +482,9 @@ def test_migration_marks_existing_series(empty_database: str) -> None:
     bars = truth_bars("AAPL", "1d", 120)
     with psycopg.connect(empty_database) as conn:
         load(conn, "AAPL", "1d", bars)
-        conn.execute("INSERT INTO checkpoints (symbol, timeframe, covered_from, covered_through)"
-                     " VALUES ('AAPL', '1d', %s, %s)",
-                     (db.from_ms(bars[0][0]), db.from_ms(bars[-1][0])))
+        conn.execute("INSERT INTO coverage (symbol, timeframe, covered)"
+                     " VALUES ('AAPL', '1d', int8multirange(int8range(%s, %s)))",
+                     (bars[0][0], bars[-1][0] + 1))
     db.apply_migrations(empty_database)
     assert dirty(empty_database) == {("AAPL", "1d"): (bars[0][0], 1, None)}
     assert run_dirty(empty_database).rows == len(bars)

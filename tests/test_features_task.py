@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon import db
+from daemon import retrying
 from daemon.errors import DatabaseError
 from daemon.features import FeaturesRun, FeaturesTask
 
@@ -192,4 +192,4 @@ def test_statistics_before_start() -> None:
     stats = FeaturesTask("unused").statistics()
     assert (stats.connected, stats.runs, stats.pending, stats.errors) == (False, 0, 0, 0)
     assert stats.last_run_seconds is None and stats.last_latency_seconds is None
-    assert db.RETRY_MIN_SECONDS < 1.0  # the outage test relies on a quick first retry
+    assert retrying.DB_MIN_SECONDS < 1.0  # the outage test relies on a quick first retry

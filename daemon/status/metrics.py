@@ -32,6 +32,9 @@ cached database answers, passed in with the snapshot.
     backfilld_last_cycle_duration_seconds
     backfilld_series{timeframe,class}       configured series per staleness class
     backfilld_series_max_age_seconds{timeframe}  worst age among series holding bars
+    backfilld_features_lag_seconds{timeframe}  worst span of bars without features
+    backfilld_features_rows_written_total   feature rows written
+    backfilld_features_passes_total / _errors_total / _pending / _latency_seconds
     backfilld_database_ready                1 when the last readiness check passed
     backfilld_config_generation             bumps on each successful reload
     backfilld_start_time_seconds            process start (Unix seconds)
@@ -157,7 +160,7 @@ class _SnapshotCollector(Collector):
                         duration)
 
         if self._series is not None:
-            counts, ages = self._series
+            counts, ages, lags = self._series
             series = GaugeMetricFamily("backfilld_series", "Configured series per staleness "
                                        "class", labels=["timeframe", "class"])
             for timeframe in sorted({tf for tf, _ in counts}):
@@ -170,9 +173,26 @@ class _SnapshotCollector(Collector):
             for timeframe, seconds in sorted(ages.items()):
                 age.add_metric([timeframe], seconds)
             yield age
+            lag = GaugeMetricFamily("backfilld_features_lag_seconds",
+                                    "Worst span of bars without features (bar time)",
+                                    labels=["timeframe"])
+            for timeframe, seconds in sorted(lags.items()):
+                lag.add_metric([timeframe], seconds)
+            yield lag
         if self._ready is not None:
             yield gauge("backfilld_database_ready", "1 when the last readiness check passed",
                         int(self._ready))
+        feats = snap.features
+        yield counter("backfilld_features_rows_written", "Feature rows written",
+                      feats.rows_written)
+        yield counter("backfilld_features_passes", "Features passes run", feats.runs)
+        yield counter("backfilld_features_errors", "Features passes or series that failed",
+                      feats.errors)
+        yield gauge("backfilld_features_pending", "Commits whose features are not computed yet",
+                    feats.pending)
+        if feats.last_latency_seconds is not None:
+            yield gauge("backfilld_features_latency_seconds",
+                        "From a commit to its features, last pass", feats.last_latency_seconds)
         yield gauge("backfilld_config_generation", "Config generation (bumps on reload)",
                     snap.reload.generation)
         yield gauge("backfilld_start_time_seconds", "Process start, Unix seconds",

@@ -75,6 +75,17 @@ def status_report(snap: Snapshot) -> dict[str, Any]:
             "busy_seconds": None if writer.busy_since is None else rounded(
                 snap.now - writer.busy_since),
         },
+        "features": {
+            "connected": snap.features.connected,
+            "passes": snap.features.runs,
+            "series_computed": snap.features.series_computed,
+            "rows_written": snap.features.rows_written,
+            "pending": snap.features.pending,
+            "last_pass_seconds": rounded(snap.features.last_run_seconds),
+            "last_latency_seconds": rounded(snap.features.last_latency_seconds),
+            "errors": snap.features.errors,
+            "last_error": snap.features.last_error,
+        },
         "last_error": last_error(snap),
     }
 
