@@ -52,6 +52,9 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     _with_config(p)
     p.add_argument("--once", action="store_true",
                    help="one full cycle, then exit 0 if every job succeeded, else 1")
+    p.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
+                   help="with --once: give up on an API outage (circuit open) that lasts "
+                        "longer than this; by default an outage is waited out however long")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,7 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     url = config.database.url.reveal() if config.database.url else None
     notifier.notify(STATUS="starting embedded PostgreSQL" if url is None else "starting")
     with database_url(url, config.state_dir) as db_url:
-        parts = build(config, db_url, config_path=Path(args.config), notifier=notifier)
+        parts = build(config, db_url, config_path=Path(args.config), notifier=notifier,
+                      max_wait=args.max_wait if args.once else None)
         try:
             cycle = trio.run(lambda: serve(parts, once=args.once))
         finally:

@@ -119,7 +119,10 @@ class CircuitBreaker:
     def statistics(self) -> BreakerStatistics:
         open_seconds = self._open_seconds
         if self._open_since is not None:
-            open_seconds += trio.current_time() - self._open_since
+            try:
+                open_seconds += trio.current_time() - self._open_since
+            except RuntimeError:  # read after trio.run (a summary): as of the last event
+                pass
         return BreakerStatistics(
             state=self._state, consecutive_failures=self._failures,
             open_since=self._open_since, opened_at=self._opened_at,

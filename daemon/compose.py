@@ -118,6 +118,7 @@ class Parts:
     notifier: Notifier
     reloader: Reloader
     limiter: RateLimiter
+    breaker: CircuitBreaker
     client: PolygonClient
     writer: Writer
     features: FeaturesTask
@@ -191,7 +192,7 @@ def build(
     controls = Controls(reloader=reloader, notifier=notifier, limiter=limiter,
                         breaker=breaker, scheduler=scheduler, snapshot=snapshot)
     return Parts(config=config, db_url=db_url, notifier=notifier, reloader=reloader,
-                 limiter=limiter, client=client, writer=writer, features=features_task,
-                 scheduler=scheduler,
-                 controls=controls, snapshot=snapshot,
+                 limiter=limiter, breaker=breaker, client=client, writer=writer,
+                 features=features_task, scheduler=scheduler, controls=controls,
+                 snapshot=snapshot,
                  status_options=status_options or StatusOptions())

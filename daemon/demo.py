@@ -100,7 +100,8 @@ async def _progress(parts: Parts, total_jobs: int, started: float) -> None:
         line = (
             f"jobs {done}/{total_jobs}  bars {snap.writer.bars_written:,}  "
             f"requests {snap.api.total_requests:,}  429s {snap.api.rate_limited_count}  "
-            f"queue {snap.writer.queue_depth}  {time.monotonic() - started:5.1f} s"
+            f"queue {snap.writer.queue_depth}  circuit {snap.breaker.state.value}  "
+            f"quarantined {snap.api.bars_quarantined}  {time.monotonic() - started:5.1f} s"
         )
         print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
 
@@ -181,6 +182,8 @@ def _print_summary(
         ("429s", f"{client.rate_limited_count:,}"),
         ("retries", f"{client.retries:,}"),
         ("faults injected", f"{sim_stats.get('faults_total', '?')}"),
+        ("circuit opened", f"{parts.breaker.statistics().opened_total}"),
+        ("bars quarantined", f"{client.bars_quarantined:,}"),
         ("wall time", f"{wall:.1f} s (x{speed:g} compressed: {wall * speed / 60:.1f} min real)"),
         ("bars/s", f"{bars / wall:,.0f}"),
         ("requests/min", f"{client.total_requests / wall * 60:,.0f} "

@@ -42,7 +42,9 @@ __all__ = [
     "ExecutionStarted",
     "Freshness",
     "JobRow",
+    "Prune",
     "check_database",
+    "prune",
     "close_abandoned_executions",
     "read_freshness",
     "read_history",
@@ -230,6 +232,20 @@ class ExecutionFinished:
     late_failures: tuple[JobRow, ...] = ()
     jobs_not_entitled: int = 0
     bars_quarantined: int = 0
+
+
+@attrs.frozen
+class Prune:
+    """Delete finished executions (and, by cascade, their job results) started before
+    `before_wall` (Unix seconds): `[monitoring] retention_days`."""
+
+    before_wall: float
+
+
+def prune(cur: psycopg.Cursor, message: Prune) -> int:
+    cur.execute("DELETE FROM executions WHERE started_at < %s AND finished_at IS NOT NULL",
+                (utc(message.before_wall),))
+    return cur.rowcount
 
 
 def record_execution_started(cur: psycopg.Cursor, message: ExecutionStarted) -> None:

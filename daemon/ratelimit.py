@@ -40,6 +40,9 @@ __all__ = ["Grant", "RateLimiter", "RateLimiterStatistics"]
 # the vendor's limit is rarely below a tenth of the plan, and a floor keeps recovery short.
 SLOWDOWN = 0.8
 FLOOR = 0.1
+# "Unlimited" plans still must stay under ~100 req/s (the vendor's fair-use ceiling): with
+# requests_per_minute = 0 tokens are spaced at this rate, never faster.
+UNLIMITED_CEILING_PER_MINUTE = 6000.0
 # Each success adds RECOVERY x the configured rate back (additive increase): ~5 successes undo
 # one 429, 18 climb back from the floor. Slower than the slowdown, so 429s stay rare.
 RECOVERY = 0.05
@@ -89,7 +92,8 @@ class RateLimiter:
     """A shared, FIFO-fair, adaptive token bucket plus a global in-flight cap.
 
     Args:
-        requests_per_minute: The key's budget; 0 means unlimited (no token waits; the in-flight
+        requests_per_minute: The key's budget; 0 means "unlimited" (the API's own ceiling,
+            UNLIMITED_CEILING_PER_MINUTE, still spaces the tokens; the in-flight
             cap and Retry-After pauses still apply).
         max_in_flight: Requests in flight at once across all tasks.
 
@@ -168,9 +172,8 @@ class RateLimiter:
 
     def _token_due(self) -> float:
         due = self._paused_until
-        if self._effective > 0:
-            due = max(due, self._last_grant + 60.0 / self._effective)
-        return due
+        rate = self._effective if self._effective > 0 else UNLIMITED_CEILING_PER_MINUTE
+        return max(due, self._last_grant + 60.0 / rate)
 
     def _notify(self) -> None:
         """Wake the task at the head of the queue to recompute when its token is due."""

@@ -35,14 +35,22 @@ def _cell(value: object) -> str:
 
 
 def print_failures(cycle: CycleSnapshot | None, stream: TextIO = sys.stderr) -> None:
-    """What failed in a `run --once` cycle, and why: one row per failed job."""
+    """What went wrong in a `run --once` cycle, and why: one row per failed, refused or
+    quarantining job."""
     if cycle is None:
         print("backfilld: the cycle did not complete (stopped before it finished)", file=stream)
         return
-    failed = cycle.failed
-    print(f"backfilld: {len(failed)} of {len(cycle.jobs)} jobs failed", file=stream)
+    failed, refused = cycle.failed, cycle.not_entitled
+    print(f"backfilld: {len(failed)} of {len(cycle.jobs)} jobs failed, {len(refused)} not "
+          f"entitled, {cycle.quarantined} bars quarantined", file=stream)
     if cycle.auth_error:
         print(f"  the API refused the key: {cycle.auth_error}", file=stream)
-    rows = [(j.symbol, j.timeframe, j.bars_written, (j.error or "")[:120]) for j in failed]
+    rows = [(j.symbol, j.timeframe, "failed", j.bars_written, (j.error or "")[:120])
+            for j in failed]
+    rows += [(j.symbol, j.timeframe, "not entitled", j.bars_written, (j.error or "")[:120])
+             for j in refused]
+    rows += [(j.symbol, j.timeframe, "quarantined", j.quarantined,
+              "bars kept out (see quarantined_bars); asked again next top-up")
+             for j in cycle.jobs if j.quarantined]
     if rows:
-        print(format_table(["symbol", "timeframe", "bars", "error"], rows), file=stream)
+        print(format_table(["symbol", "timeframe", "what", "bars", "why"], rows), file=stream)

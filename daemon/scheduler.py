@@ -56,7 +56,7 @@ from .cycles import (
 from .db import SeriesState
 from .errors import ApiError, ApiKeyRefused, DatabaseError, NotEntitled
 from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
-from .monitoring import ExecutionFinished, ExecutionStarted, JobRow
+from .monitoring import ExecutionFinished, ExecutionStarted, JobRow, Prune
 from .planning import FetchRange, plan_series, split_range
 from .polygon import ClientStatistics, Page
 from .timefmt import wall_clock
@@ -69,6 +69,10 @@ __all__ = ["Job", "PageSource", "Scheduler"]
 FINISH_SEND_SECONDS = 1.0
 # A series the API refused (not entitled) is asked again after this long, not every cycle.
 REFUSAL_RETRY_SECONDS = 86_400.0
+# A failed series is retried after 1 minute, then 2, 4 ... up to refresh_minutes.
+RETRY_FIRST_SECONDS = 60.0
+# Monitoring rows past `[monitoring] retention_days` are pruned at most this often.
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 class PageSource(Protocol):
@@ -157,6 +161,7 @@ class _Cycle:
     symbols: dict[str, SymbolState] = attrs.field(factory=dict)
     jobs: list[_JobRun] = attrs.field(factory=list)
     auth_error: str | None = None
+    only: set[SeriesKey] | None = None  # a retry cycle's series (None: all)
     counters_at_end: tuple[int, int, int] | None = None
     status: ExecutionStatus | None = None
 
@@ -207,6 +212,9 @@ class Scheduler:
         self._cycle: _Cycle | None = None
         self._last_cycle: _Cycle | None = None
         self._finished: dict[str, int] = {}
+        # Failed series: (consecutive failures, trio time of their retry).
+        self._retries: dict[SeriesKey, tuple[int, float]] = {}
+        self._last_prune = -float("inf")  # wall time monitoring rows were last pruned
         self._cycle_done = trio.Event()
 
     # --- what it reports ------------------------------------------------------------------
@@ -296,9 +304,14 @@ class Scheduler:
         Returns the last finished cycle (None if none finished)."""
         async with self._send:
             trigger = "start"
+            started = trio.current_time()
             while not self._stopping:
-                started = trio.current_time()
-                cycle = await self.run_cycle(trigger)
+                if trigger == "retry":
+                    only = self._due_retries()
+                    cycle = await self.run_cycle(trigger, only=only)
+                else:
+                    started = trio.current_time()
+                    cycle = await self.run_cycle(trigger)
                 if once:
                     return cycle
                 trigger = await self._wait_next_cycle(started)
@@ -306,15 +319,20 @@ class Scheduler:
         return None if last is None else last.snapshot(self._client_counters())
 
     async def _wait_next_cycle(self, started: float) -> str:
-        """Sleep until `refresh_minutes` after `started`, or a wake; return the trigger."""
+        """Sleep until `refresh_minutes` after `started`, a failed series' retry, or a wake;
+        return the trigger ("schedule", "retry" or "wake")."""
         while True:
             self._next_cycle_at = started + self._config.backfill.refresh_minutes * 60
-            with trio.move_on_at(self._next_cycle_at):
+            retry_at = min((due for _, due in self._retries.values()), default=float("inf"))
+            with trio.move_on_at(min(self._next_cycle_at, retry_at)):
                 await self._wake.wait()
             reasons, self._wake_reasons = self._wake_reasons, set()
             self._wake = trio.Event()
-            if trio.current_time() >= self._next_cycle_at:
+            now = trio.current_time()
+            if now >= self._next_cycle_at:
                 trigger = "schedule"
+            elif not reasons and now >= retry_at:
+                trigger = "retry"
             elif reasons == {"retime"}:
                 continue
             else:
@@ -322,7 +340,27 @@ class Scheduler:
             self._next_cycle_at = None
             return trigger
 
-    async def run_cycle(self, trigger: str) -> CycleSnapshot:
+    def _due_retries(self) -> set[SeriesKey]:
+        now = trio.current_time()
+        return {key for key, (_, due) in self._retries.items() if due <= now}
+
+    def _note_outcomes(self, snapshot: CycleSnapshot) -> None:
+        """A failed series is tried again on its own backoff (1, 2, 4 ... minutes, at most
+        `refresh_minutes`) instead of waiting a whole refresh; a success forgets it."""
+        now = trio.current_time()
+        cap = self._config.backfill.refresh_minutes * 60
+        for job in snapshot.jobs:
+            key = SeriesKey(job.symbol, job.timeframe)
+            if job.failed and job.timeframe != "*":
+                failures = self._retries.get(key, (0, 0.0))[0] + 1
+                wait = min(RETRY_FIRST_SECONDS * 2 ** (failures - 1), cap)
+                self._retries[key] = (failures, now + wait)
+            elif job.ok or job.not_entitled:
+                self._retries.pop(key, None)
+
+    async def run_cycle(self, trigger: str, *, only: set[SeriesKey] | None = None
+                        ) -> CycleSnapshot:
+        """One cycle over every configured series (or, for a retry, the series in `only`)."""
         self._cycle_number += 1
         cycle = _Cycle(
             number=self._cycle_number,
@@ -332,13 +370,19 @@ class Scheduler:
             counters_at_start=self._client_counters(),
         )
         self._cycle = cycle
-        symbols = list(self._config.backfill.symbols)
+        cycle.only = only
+        symbols = [s for s in self._config.backfill.symbols
+                   if only is None or any(k.symbol == s for k in only)]
         cycle.symbols = dict.fromkeys(symbols, SymbolState.QUEUED)
         self._pending = collections.deque(symbols)
         logger.info("cycle {} ({}): {} symbols x {} timeframes", cycle.number, trigger,
                     len(symbols), len(self._config.backfill.timeframes))
         await self._send.send(ExecutionStarted(cycle.execution_id, self._config.instance,
                                                cycle.number, trigger, cycle.started_wall))
+        if cycle.started_wall - self._last_prune >= PRUNE_EVERY_SECONDS:
+            self._last_prune = cycle.started_wall
+            days = self._config.monitoring.retention_days
+            await self._send.send(Prune(cycle.started_wall - days * 86_400))
         try:
             await self._run_symbols(cycle)
         except BaseException:
@@ -347,6 +391,7 @@ class Scheduler:
             raise
         cycle.finished = trio.current_time()
         snapshot = await self._record_finish(cycle, interrupted=False)
+        self._note_outcomes(snapshot)
         self._cycle = None
         self._last_cycle = cycle
         self._cycle_done.set()
@@ -449,6 +494,8 @@ class Scheduler:
         jobs = []
         for tf in self._config.backfill.timeframes:
             if SeriesKey(symbol, tf.label) in skip:
+                continue
+            if cycle.only is not None and SeriesKey(symbol, tf.label) not in cycle.only:
                 continue
             state = states.get((symbol, tf.label)) or SeriesState()
             if (state.refused_at is not None

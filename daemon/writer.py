@@ -46,7 +46,7 @@ from . import db, features, monitoring
 from .bars import Bar, Quarantined
 from .errors import DatabaseUnavailable, redact
 from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
-from .monitoring import ExecutionFinished, ExecutionStarted, JobRow
+from .monitoring import ExecutionFinished, ExecutionStarted, JobRow, Prune
 from .retrying import DB_MAX_SECONDS, DB_MIN_SECONDS, Backoff, retrying
 from .spans import Span
 from .timefmt import wall_clock
@@ -165,7 +165,7 @@ class JobFinished:
     receipt: Receipt
 
 
-Message = PageWrite | JobFinished | ExecutionStarted | ExecutionFinished
+Message = PageWrite | JobFinished | ExecutionStarted | ExecutionFinished | Prune
 
 
 @attrs.frozen
@@ -343,6 +343,8 @@ class Writer:
                                   message.receipt.execution_id)
         elif isinstance(message, ExecutionStarted):
             monitoring.record_execution_started(cur, message)
+        elif isinstance(message, Prune):
+            monitoring.prune(cur, message)
         else:
             monitoring.record_execution_finished(cur, message)
 

@@ -60,13 +60,14 @@ async def test_idle_bucket_holds_one_token_not_a_burst(
     assert _rounded(times) == [0.0, 10.0, 11.0, 12.0]
 
 
-async def test_zero_means_unlimited(autojump_clock: trio.testing.MockClock) -> None:
+async def test_zero_means_no_budget_of_ours(autojump_clock: trio.testing.MockClock) -> None:
     limiter = RateLimiter(0, max_in_flight=100)
     times: list[float] = []
     async with trio.open_nursery() as nursery:
         for _ in range(50):
             nursery.start_soon(_take, limiter, times)
-    assert times == [0.0] * 50
+    # only the API's own ceiling (100 req/s) spaces them
+    assert times == pytest.approx([i * 0.01 for i in range(50)])
     stats = limiter.statistics()
     assert stats.configured_per_minute == 0 and stats.effective_per_minute == 0
 
@@ -77,7 +78,7 @@ async def test_unlimited_still_caps_in_flight(autojump_clock: trio.testing.MockC
     async with trio.open_nursery() as nursery:
         for _ in range(7):
             nursery.start_soon(_take, limiter, times, 1.0)
-    assert times == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0]
+    assert times == pytest.approx([0.0, 0.01, 0.02, 1.0, 1.01, 1.02, 2.0])
 
 
 async def test_in_flight_cap_with_a_rate(autojump_clock: trio.testing.MockClock) -> None:
@@ -221,7 +222,7 @@ async def test_set_max_in_flight_live(autojump_clock: trio.testing.MockClock) ->
             nursery.start_soon(_take, limiter, times, 1.0)
         await trio.sleep(0.5)
         limiter.set_max_in_flight(3)
-    assert times == [0.0, 0.5, 0.5, 1.0]
+    assert times == pytest.approx([0.0, 0.5, 0.51, 1.0])
 
 
 async def test_cancelled_waiter_gives_back_its_slot_and_takes_no_token(
@@ -318,3 +319,15 @@ async def test_close_refuses_requests_waiting_for_a_slot(
     assert sorted(outcomes) == ["done", "refused"]
     # the refused request gave its place back: nothing is left borrowed
     assert limiter._slots.borrowed_tokens == 0
+
+
+async def test_unlimited_keeps_the_apis_own_ceiling(autojump_clock: trio.testing.MockClock
+                                                    ) -> None:
+    # requests_per_minute = 0 is "unlimited" on our side, never faster than ~100 req/s
+    limiter = RateLimiter(0, max_in_flight=50)
+    times: list[float] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(_take, limiter, times)
+    assert times == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04])
+    assert limiter.statistics().configured_per_minute == 0

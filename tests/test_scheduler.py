@@ -9,6 +9,7 @@ by their own tests and by the end-to-end tests.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,7 +18,7 @@ import trio
 from daemon.bars import Bar
 from daemon.config import parse_config
 from daemon.db import SeriesState
-from daemon.errors import ApiKeyRefused, ApiServerError
+from daemon.errors import ApiKeyRefused, ApiServerError, NotEntitled
 from daemon.jobs import JobOutcome
 from daemon.market_calendar import et_midnight_ms
 from daemon.planning import FetchRange, expected_aggregates, plan_series, split_range
@@ -412,3 +413,80 @@ async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
     [(lo, hi)] = spans(covered)
     assert lo == start and client.ts[-1] < hi <= et_midnight_ms(dt.date(2024, 3, 2))
     assert client.requests <= 36 + 16  # at most one partial page per sub-range
+
+
+# --- partial failures: a refused series, a failed series' own backoff ------------------------
+
+
+async def test_a_refused_series_costs_one_request_and_the_cycle_goes_on(
+        autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["I:SPX", "AAPL"], timeframes=["1d", "5m"], start="2024-01-02",
+                 max_concurrent_symbols=1, stagger_seconds=0.0)
+    client = ScriptedClient(seconds=1.0, pages=3)
+    client.fail["I:SPX"] = NotEntitled("HTTP 403: You are not entitled to this data.",
+                                       status=403)
+    # I:SPX 5m has a hole and a tail to fetch: two ranges, yet one request
+    holey = spans([(START, START + 20 * DAY), (START + 40 * DAY, START + 50 * DAY)])
+
+    async def state(symbol: str) -> dict[tuple[str, str], SeriesState]:
+        return {("I:SPX", "5m"): SeriesState(holey)} if symbol == "I:SPX" else {}
+
+    send, receive = open_writer_channel(4)
+    sched = Scheduler(cfg, client, send, series_state=state,  # type: ignore[arg-type]
+                      today=lambda: TODAY)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        cycle = await sched.run(once=True)
+    assert cycle is not None
+    asked = [(s, tf) for _, s, tf in client.calls]
+    assert asked.count(("I:SPX", "1d")) == 1 and asked.count(("I:SPX", "5m")) == 1
+    assert asked.count(("AAPL", "1d")) == 3 and asked.count(("AAPL", "5m")) == 3
+    assert sorted((j.symbol, j.timeframe) for j in cycle.not_entitled) == [("I:SPX", "1d"),
+                                                                           ("I:SPX", "5m")]
+    assert not cycle.failed and not cycle.ok  # not a failure, but not everything either
+    assert cycle.execution_status(interrupted=False) == "partial"
+    assert "not entitled" in (cycle.not_entitled[0].error or "")
+
+
+async def test_a_remembered_refusal_sends_no_request() -> None:
+    cfg = config(symbols=["I:SPX"], timeframes=["1d"], start="2024-01-02")
+    client = ScriptedClient(seconds=1.0)
+
+    async def state(symbol: str) -> dict[tuple[str, str], SeriesState]:
+        return {("I:SPX", "1d"): SeriesState(EMPTY, time.time() - 3600, "not entitled")}
+
+    send, receive = open_writer_channel(4)
+    sched = Scheduler(cfg, client, send, series_state=state,  # type: ignore[arg-type]
+                      today=lambda: TODAY)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        cycle = await sched.run(once=True)
+    assert client.calls == [] and cycle is not None
+    assert [j.outcome for j in cycle.jobs] == [JobOutcome.NOT_ENTITLED]
+
+
+async def test_a_failed_series_is_retried_on_its_own_backoff(
+        autojump_clock: trio.abc.Clock) -> None:
+    cfg = config(symbols=["A", "B"], timeframes=["1d"], start="2024-01-02", refresh_minutes=60,
+                 stagger_seconds=0.0)
+    client = ScriptedClient(seconds=1.0)
+    client.fail["A"] = ApiServerError("gave up after 5 attempts; last: HTTP 503")
+    sched, receive = make(cfg, client)
+    t0 = trio.current_time()
+
+    async def heal() -> None:
+        await trio.sleep(200)  # A recovers before its third retry
+        del client.fail["A"]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge, receive)
+        nursery.start_soon(sched.run)
+        nursery.start_soon(heal)
+        await trio.sleep(3 * 3600 + 10)
+        sched.request_stop()
+    calls_a = [t - t0 for t, s, _ in client.calls if s == "A"]
+    calls_b = [t - t0 for t, s, _ in client.calls if s == "B"]
+    # A: the first cycle, retries 1, 2 and 4 minutes after each failure (the cycle's own
+    # second included), then the regular schedule; B only on the schedule
+    assert calls_a == [0.0, 61.0, 181.0, 421.0, 3600.0, 7200.0, 10800.0]
+    assert calls_b == [0.0, 3600.0, 7200.0, 10800.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import psycopg
 import pytest
 import trio
@@ -135,3 +136,31 @@ async def test_large_page(database: str, n: int) -> None:
     await write_all(database, [job.page(bars), job.done()])
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT count(*) FROM bars").fetchone() == (n,)
+
+
+async def test_quarantined_spots_stay_out_of_coverage_until_a_good_answer(
+        database: str) -> None:
+    from daemon.bars import Quarantined
+    from daemon.writer import QuarantinedSpan
+
+    job = Job("A", "1d", T0, T0 + 10 * DAY)
+    span = (T0, T0 + 3 * DAY)
+    bad = QuarantinedSpan((T0 + DAY, T0 + DAY + 1),
+                          Quarantined(T0 + DAY, '{"t":1,"h":1,"l":2}', "high 1.0 < low 2.0"))
+    first = job.page([bar(T0), bar(T0 + 2 * DAY)], span)
+    await write_all(database, [attrs.evolve(first, quarantined=(bad,))])
+    assert db.read_coverage(database)[("A", "1d")] == spans(
+        [(T0, T0 + DAY), (T0 + DAY + 1, T0 + 3 * DAY)])
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT t, reason, times_seen FROM quarantined_bars").fetchall() == [
+            (T0 + DAY, "high 1.0 < low 2.0", 1)]
+    # asked again, still bad: seen twice, still a hole
+    await write_all(database, [attrs.evolve(first, quarantined=(bad,))])
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT times_seen FROM quarantined_bars").fetchall() == [(2,)]
+    # the vendor corrected it: the bar is written, the entry goes, the hole closes
+    await write_all(database, [job.page([bar(T0), bar(T0 + DAY), bar(T0 + 2 * DAY)], span)])
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM quarantined_bars").fetchall() == [(0,)]
+    assert db.read_coverage(database)[("A", "1d")] == spans([(T0, T0 + 3 * DAY)])
+    assert [db.to_ms(r[2]) for r in rows(database)] == [T0, T0 + DAY, T0 + 2 * DAY]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import trio
 
 from daemon.bars import Bar
-from daemon.jobs import FetchResult, JobOutcome, Receipt, SeriesKey
+from daemon.jobs import FetchResult, Receipt, SeriesKey
 from daemon.writer import JobFinished, Message, PageWrite, Writer, open_writer_channel
 
 
@@ -55,7 +55,5 @@ async def acknowledge(receive: trio.MemoryReceiveChannel[Message]) -> None:
                 message.receipt.bars_written += len(message.bars)
                 message.receipt.pages_written += 1
             elif isinstance(message, JobFinished):
-                message.receipt.outcome = JobOutcome.decide(
-                    fetch_error=message.fetch.error, write_error=message.receipt.write_error,
-                    cancelled=message.fetch.cancelled)
+                message.receipt.outcome = message.fetch.outcome(message.receipt.write_error)
                 message.receipt.finished.set()

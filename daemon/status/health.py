@@ -61,7 +61,8 @@ def scheduler_health(snap: Snapshot, database_error: str | None) -> dict[str, An
                           "started_at": iso(cycle.started_wall),
                           "age_seconds": rounded(now - cycle.started)}
     elif last is not None and last.finished is not None:
-        due = last.started + interval
+        # the scheduler's own due time (a retry cycle between regular ones does not move it)
+        due = sched.next_cycle_at if sched.next_cycle_at is not None else last.started + interval
         late = now - due
         last_execution = {"number": last.number, "state": "ok" if last.ok else "failed",
                           "started_at": iso(last.started_wall),
