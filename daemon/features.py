@@ -282,12 +282,15 @@ WHERE f.symbol = %(symbol)s AND f.timeframe = %(timeframe)s AND NOT EXISTS (
 _RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
 # Every year of the series (two index probes; a year that has its partition costs a lookup):
 # a computation from a bar may turn into one from scratch. Partition years are UTC years.
+# Through the current year, not only the newest bar's: the writer may commit this year's
+# first bars between this statement and the computation.
 _ENSURE_PARTITIONS = """
 SELECT features_ensure_partition(y) FROM generate_series(
     (SELECT extract(year FROM min(ts) AT TIME ZONE 'UTC')::int FROM bars
      WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s),
-    (SELECT extract(year FROM max(ts) AT TIME ZONE 'UTC')::int FROM bars
-     WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s)) AS y
+    greatest((SELECT extract(year FROM max(ts) AT TIME ZONE 'UTC')::int FROM bars
+              WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s),
+             extract(year FROM now() AT TIME ZONE 'UTC')::int)) AS y
 """
 _PROGRESS = """
 INSERT INTO features_progress AS p (symbol, timeframe, computed_through, computed_at)
@@ -542,15 +545,24 @@ def _process_series(conn: psycopg.Connection, key: _Key, *, chunk_bars: int,
             return None  # served by another process since it was listed
         from_ms = None if from_scratch or claim is None else claim.from_ms
         compute = from_scratch or from_ms is not None
-        if compute:
-            _ensure_partitions(conn, key)
-        with conn.transaction(), conn.cursor() as cur:
-            written = _recompute(cur, key, from_ms, chunk_bars) if compute else 0
-            if claim is not None:
-                cur.execute(_CLEAR, key.params(generation=claim.generation))
-                if cur.rowcount == 0:  # touched since the claim: keep what is dirty again
-                    cur.execute(_UNCLAIM, key.params())
-        return written
+        for attempt in (1, 2):
+            if compute:
+                _ensure_partitions(conn, key)
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    written = _recompute(cur, key, from_ms, chunk_bars) if compute else 0
+                    if claim is not None:
+                        cur.execute(_CLEAR, key.params(generation=claim.generation))
+                        if cur.rowcount == 0:  # touched since the claim: keep what is dirty
+                            cur.execute(_UNCLAIM, key.params())
+            except psycopg.errors.CheckViolation:
+                # bars of a year without a features partition were committed meanwhile (a
+                # history moved backwards): ensure again, once
+                if attempt == 2:
+                    raise
+                continue
+            return written
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --- rebuild: every series from scratch ------------------------------------------------------

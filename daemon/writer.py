@@ -8,11 +8,12 @@ its own transaction on a sync psycopg connection driven by `trio.to_thread.run_s
 writer's own limiter (the default `abandon_on_cancel=False` lets a transaction finish before
 cancellation lands, so a stop never leaves half a page).
 
-A page is written as binary COPY into a temp stage, then `INSERT ... ON CONFLICT DO UPDATE` into
-`bars` (idempotent on (symbol, timeframe, ts); revised bars overwrite, unchanged ones are not
-rewritten), then the page's span joins the series' coverage (an `int8multirange`), all in one
-transaction: a crash at any instant leaves coverage matching the bars, and the next plan
-(`requested - covered`) fetches exactly what is missing.
+A page is written as binary COPY into a temp stage, then into `bars`: a plain INSERT when the
+series holds no bar in the page's span yet (a backfill: no conflict is possible), else `INSERT
+... ON CONFLICT DO UPDATE` (idempotent on (symbol, timeframe, ts); revised bars overwrite,
+unchanged ones are not rewritten); then the page's span joins the series' coverage (an
+`int8multirange`), all in one transaction: a crash at any instant leaves coverage matching the
+bars, and the next plan (`requested - covered`) fetches exactly what is missing.
 
 The writer reports back through each job's `Receipt` (daemon.jobs), which it alone changes, on
 the trio thread after a commit; it owns its own counters (`statistics()`).
@@ -94,6 +95,19 @@ WHERE (b.open, b.high, b.low, b.close, b.volume, b.vwap, b.trades)
        EXCLUDED.volume, EXCLUDED.vwap, EXCLUDED.trades)
 RETURNING ts)
 SELECT min(ts) FROM changed
+"""
+# A page whose bars start where the series holds nothing yet (a backfill, a new sub-range) is
+# inserted plainly: no conflict is possible, and PostgreSQL's speculative-insertion machinery
+# for ON CONFLICT costs ~40 % of the write (measured: ~380,000 vs ~250,000 rows/s).
+_ANY_BETWEEN = """
+SELECT EXISTS (SELECT 1 FROM bars WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s
+               AND ts BETWEEN %(first)s AND %(last)s)
+"""
+_INSERT = """
+INSERT INTO bars (symbol, timeframe, ts, open, high, low, close, volume, vwap, trades)
+SELECT %(symbol)s, %(timeframe)s, 'epoch'::timestamptz + ts_ms * interval '1 millisecond',
+       open, high, low, close, volume, vwap, trades
+FROM bars_stage
 """
 # Quarantine: this page's bad bars are (re)recorded; entries inside the page's span that it
 # did not re-assert were answered well this time (their bars are in the page) and go.
@@ -186,6 +200,7 @@ class WriterStatistics:
     # The write-latency histogram: cumulative counts per WRITE_BUCKETS bound, then the sum.
     write_buckets: tuple[int, ...] = ()
     write_seconds_sum: float = 0.0
+    plain_pages: int = 0  # pages inserted plainly (no bar of the series in their span yet)
 
 
 def open_writer_channel(
@@ -233,6 +248,7 @@ class Writer:
         self._last_progress = 0.0
         self._last_error: tuple[float, str] | None = None
         self._buckets = [0] * len(WRITE_BUCKETS)
+        self._plain_pages = 0  # pages inserted without ON CONFLICT (nothing there yet)
         self._seconds_sum = 0.0
 
     def statistics(self) -> WriterStatistics:
@@ -253,6 +269,7 @@ class Writer:
             last_error_at=self._last_error[0] if self._last_error else None,
             write_buckets=tuple(self._buckets),
             write_seconds_sum=self._seconds_sum,
+            plain_pages=self._plain_pages,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -361,11 +378,19 @@ class Writer:
                 write_row = copy.write_row
                 for bar in bars:
                     write_row((bar.t, bar.o, bar.h, bar.l, bar.c, bar.v, bar.vw, bar.n))
-            cur.execute(_UPSERT, key)
-            row = cur.fetchone()
-            if row is not None and row[0] is not None:
+            lo_ts, hi_ts = db.from_ms(min(first, last)), db.from_ms(max(first, last))
+            taken = cur.execute(_ANY_BETWEEN, {**key, "first": lo_ts, "last": hi_ts}).fetchone()
+            changed_from: int | None
+            if taken is not None and not taken[0]:
+                cur.execute(_INSERT, key)
+                changed_from = min(first, last)
+                self._plain_pages += 1
+            else:
+                row = cur.execute(_UPSERT, key).fetchone()
+                changed_from = None if row is None or row[0] is None else db.to_ms(row[0])
+            if changed_from is not None:
                 features.mark_dirty(cur, [(page.series.symbol, page.series.timeframe,
-                                           db.to_ms(row[0]))])
+                                           changed_from)])
             monitoring.record_page(cur, page.series, max(first, last))
         lo, hi = page.span
         if page.quarantined:
