@@ -173,4 +173,4 @@ def build(
     return Parts(config=config, db_url=db_url, notifier=notifier, reloader=reloader,
                  limiter=limiter, client=client, writer=writer, scheduler=scheduler,
                  controls=controls, snapshot=snapshot,
-                 status_options=status_options or StatusOptions())
+                 status_options=(status_options or StatusOptions()).with_access(config.status))
