@@ -1,8 +1,10 @@
 """The `backfilld` command: run, demo, migrate, check-config, simulate, status.
 
 Exit codes: 0 success; 1 `run --once` finished with failed jobs, or `status` found the daemon
-unhealthy; 2 bad config or usage; 3 database unreachable or migration failed; 4 `status` could
-not reach the daemon; 130 stopped by a second interrupt.
+unhealthy, or `verify` found differences; 2 bad config or usage (or a status endpoint open to
+the network without a token); 3 database unreachable or migration failed; 4 `status` could not
+reach the daemon; 5 `status` was refused (401: a status token is missing or wrong); 130
+stopped by a second interrupt.
 
 Fast start: each command imports only what it needs, when it runs. The parser registers every
 command's name and help here, but a command's own arguments (and the modules behind them) are
@@ -65,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .app import EXIT_FORCED, serve
     from .compose import build
+    from .config import status_exposure_problem
     from .embedded import database_url
     from .log import setup_logging
     from .report import print_failures
@@ -78,6 +81,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.polygon.api_key:
         # Every request would be refused: say so now, not as a cycle of 401s.
         print(f"backfilld: {args.config}: no API key: {NO_KEY_HINT}", file=sys.stderr)
+        return EXIT_CONFIG
+    exposure = status_exposure_problem(config.status)
+    if exposure is not None:
+        # Before the embedded PostgreSQL or anything else starts: nothing to clean up.
+        print(f"backfilld: {args.config}: {exposure}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format)
     url = config.database.url.reveal() if config.database.url else None
@@ -117,17 +125,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import status_exposure_problem
+
     config = _load(args.config)
     bf = config.backfill
-    print(f"{args.config}: OK")
+    exposure = status_exposure_problem(config.status)
+    print(f"{args.config}: {'OK' if exposure is None else 'REFUSED (see below)'}")
     rpm = config.polygon.requests_per_minute
     print(f"  api: {config.polygon.base_url}, key {'set' if config.polygon.api_key else 'NOT SET'}"
           f", {f'{rpm:g}' if rpm else 'unlimited'} req/min")
     print(f"  database: {'configured URL' if config.database.url else 'embedded in '}"
           f"{'' if config.database.url else config.state_dir}")
     print(f"  {len(bf.symbols)} symbols x {', '.join(t.label for t in bf.timeframes)}")
+    st = config.status
+    host = f"[{st.host}]" if ":" in st.host else st.host
+    access = ("no token" + (", allow_unauthenticated" if st.allow_unauthenticated else "")
+              if st.token is None else f"token set (from {st.token_source})")
+    print(f"  status: http://{host}:{st.port}, {access}, at most {st.max_connections} "
+          "connections")
     if not config.polygon.api_key:
         print(f"  warning: no API key: {NO_KEY_HINT}", file=sys.stderr)
+    if exposure is not None:
+        print(f"backfilld: {args.config}: {exposure}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -195,4 +195,4 @@ def build(
                  limiter=limiter, breaker=breaker, client=client, writer=writer,
                  features=features_task, scheduler=scheduler, controls=controls,
                  snapshot=snapshot,
-                 status_options=status_options or StatusOptions())
+                 status_options=(status_options or StatusOptions()).with_access(config.status))

@@ -4,13 +4,17 @@ Why strict: a daemon that runs for months must refuse a typo at start (or at SIG
 the old config) rather than silently run with a default. Every error is a ConfigError naming
 the file, the dotted key, its line, and what was expected.
 
-Secrets (the API key, a database URL with a password) are held in `Secret`, whose repr is
-`***`, so a Config can be logged or shown on /status without leaking them.
+Secrets (the API key, a database URL with a password, the status token) are held in `Secret`,
+whose repr is `***`, so a Config can be logged or shown on /status without leaking them.
+
+`status_exposure_problem` is the one rule for when the status endpoint may not start (reachable
+from other hosts, yet open to anyone); `backfilld run` and `check-config` both apply it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import re
 import tomllib
@@ -34,8 +38,10 @@ __all__ = [
     "Secret",
     "StalenessConfig",
     "StatusConfig",
+    "is_loopback",
     "load_config",
     "parse_config",
+    "status_exposure_problem",
 ]
 
 DEFAULT_TIMEFRAMES = ("1d", "4h", "1h", "15m", "5m")
@@ -46,6 +52,12 @@ DATABASE_URL_ENV = "BACKFILLD_DATABASE_URL"
 # below the environment variables, above the file.
 API_KEY_CREDENTIAL = "polygon-api-key"
 DATABASE_URL_CREDENTIAL = "database-url"
+# The status endpoint's bearer token: env > credential > [status] token_file (first set wins).
+STATUS_TOKEN_ENV = "BACKFILLD_STATUS_TOKEN"
+STATUS_TOKEN_CREDENTIAL = "status-token"
+# A token travels in an Authorization header: printable ASCII, no spaces (RFC 6750's token68
+# is a subset). Anything else could never be sent as configured.
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")
 # Tickers: letters, digits and the `:` `.` `-` `/` the API uses (X:BTCUSD, BRK.A, I:SPX).
 _TICKER = re.compile(r"^[A-Za-z0-9:._/-]{1,40}$")
 
@@ -131,6 +143,12 @@ class MonitoringConfig:
 class StatusConfig:
     host: str = "127.0.0.1"
     port: int = 8080  # 0: pick a free port and log it
+    # None: no token, every path open (refused on a non-loopback listen, see
+    # status_exposure_problem). Set: every path but /healthz and /readyz wants it.
+    token: Secret | None = None
+    token_source: str = ""  # where the token came from, for check-config (never the value)
+    allow_unauthenticated: bool = False  # serve a non-loopback listen without a token anyway
+    max_connections: int = 64  # connections served at once; one more is answered 503
 
 
 @attrs.frozen
@@ -283,7 +301,12 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "breaker_max_probe_seconds": _number(0.01, 86_400),
     },
     "monitoring": {"retention_days": _number(1, 36_500)},
-    "status": {"listen": _listen},
+    "status": {
+        "listen": _listen,
+        "token_file": _string,
+        "allow_unauthenticated": _bool,
+        "max_connections": _integer(1, 10_000),
+    },
     "logging": {"level": _choice("trace", "debug", "info", "warning", "error"),
                 "format": _choice("text", "json")},
     "staleness": {
@@ -398,10 +421,7 @@ def _build(values: dict[str, dict[str, Any]], env: Mapping[str, str], source: st
         raise _KeyProblem("retry", "breaker_max_probe_seconds",
                           "expected a value >= retry.breaker_probe_seconds")
 
-    status = StatusConfig()
-    if "listen" in values.get("status", {}):
-        host, port = values["status"]["listen"]
-        status = StatusConfig(host=host, port=port)
+    status = _status(dict(values.get("status", {})), env)
 
     staleness = StalenessConfig(**values.get("staleness", {}))
     if not staleness.fresh_hours < staleness.aging_hours < staleness.stale_hours:
@@ -422,6 +442,71 @@ def _build(values: dict[str, dict[str, Any]], env: Mapping[str, str], source: st
         instance=daemon.get("instance") or _default_instance(),
         source=source,
     )
+
+
+def _status(st: dict[str, Any], env: Mapping[str, str]) -> StatusConfig:
+    """[status], with its token from env > credential > token_file (only the first set is read).
+
+    A token_file that is set but cannot be read, or is empty, is an error: the daemon must not
+    quietly serve open what the operator meant to protect.
+    """
+    if "listen" in st:
+        st["host"], st["port"] = st.pop("listen")
+    token_file = st.pop("token_file", None)
+    key: str | None = None  # the key to blame for a bad token (None: it came from outside)
+    token, source = env.get(STATUS_TOKEN_ENV, "").strip(), f"${STATUS_TOKEN_ENV}"
+    if not token:
+        token = _credential(env, STATUS_TOKEN_CREDENTIAL)
+        source = f"the systemd credential {STATUS_TOKEN_CREDENTIAL}"
+    if not token and token_file:
+        path = Path(token_file).expanduser()
+        key, source = "token_file", str(path)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise _KeyProblem("status", key, f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise _KeyProblem("status", key, f"{path} is not UTF-8 text") from None
+        if not token:
+            raise _KeyProblem("status", key, f"{path} is empty; expected the status token")
+    if not token:
+        return StatusConfig(**st)
+    if not _TOKEN.match(token):  # the message names the source, never the value
+        raise _KeyProblem("status", key, f"the status token from {source} must be printable "
+                          "ASCII without spaces (e.g. the output of `openssl rand -hex 32`)")
+    return StatusConfig(token=Secret(token), token_source=source, **st)
+
+
+def status_exposure_problem(status: StatusConfig) -> str | None:
+    """Why the status endpoint must not start as configured, or None when it may.
+
+    The rule: a listen address other hosts can reach (anything but 127.0.0.0/8, ::1 and
+    localhost) needs a token, unless `allow_unauthenticated = true` says open is meant. Pure:
+    `backfilld run` refuses to start on it (before anything else starts) and `check-config`
+    reports it, with the same words.
+    """
+    if status.token is not None or status.allow_unauthenticated or is_loopback(status.host):
+        return None
+    shown = f"[{status.host}]" if ":" in status.host else status.host
+    return (f"[status] listen = \"{shown}:{status.port}\" is reachable from other hosts, but no "
+            "status token is set, so anyone who can connect could read /status and /metrics. "
+            f"Set a token ({STATUS_TOKEN_ENV}, the systemd credential {STATUS_TOKEN_CREDENTIAL}, "
+            "or [status] token_file), listen on 127.0.0.1, or set [status] "
+            "allow_unauthenticated = true to serve it open on purpose")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 (also IPv4-mapped) and the name localhost; False for anything
+    else, names included (a name may resolve anywhere)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _credential(env: Mapping[str, str], name: str) -> str:

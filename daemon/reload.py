@@ -111,6 +111,6 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     """The keys a reload cannot apply to a running daemon."""
     return [what for what, a, b in (
         ("[database]", old.database, new.database),
-        ("[status] listen", old.status, new.status),
+        ("[status] (listen, token, connection cap)", old.status, new.status),
         ("[daemon] state_dir", old.state_dir, new.state_dir),
     ) if a != b]

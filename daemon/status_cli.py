@@ -4,28 +4,40 @@ Reads /status, /api/v1/admin/scheduler-health, /api/v1/admin/features/staleness 
 /api/v1/admin/scheduler/execution-history from a running daemon and prints what it is doing,
 how fresh its series are (only those that are not fresh, unless --all) and what failed lately.
 
-Exit codes: 0 healthy or degraded, 1 unhealthy, 4 the daemon could not be reached.
+The status token (a daemon with one answers 401 without it) is, first found wins:
+`--token-file PATH`, `$BACKFILLD_STATUS_TOKEN`, then the token of the config file read for the
+address (its systemd credential or `[status] token_file`). A config's token is sent only to the
+address that config names, or with an explicit `--config`: never to a `--url` alone, so a
+token cannot leak to a host it was not meant for.
+
+Exit codes: 0 healthy or degraded, 1 unhealthy, 2 bad config or unreadable --token-file,
+4 the daemon could not be reached, 5 the daemon refused us (401: no token, or the wrong one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import attrs
 import httpx
 
-from .config import Config, load_config
+from .config import STATUS_TOKEN_ENV, Config, Secret, load_config
 from .errors import ConfigError
 from .report import format_table
 from .timefmt import human_age
 
-__all__ = ["EXIT_UNHEALTHY", "EXIT_UNREACHABLE", "add_status_arguments", "run_status"]
+__all__ = ["EXIT_UNAUTHORIZED", "EXIT_UNHEALTHY", "EXIT_UNREACHABLE", "Target",
+           "add_status_arguments", "resolve_target", "run_status"]
 
 EXIT_UNHEALTHY = 1
+EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 4
+EXIT_UNAUTHORIZED = 5
 DEFAULT_URL = "http://127.0.0.1:8080"
 # A daemon listening on every address is reached on loopback.
 _ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
@@ -42,7 +54,19 @@ def add_status_arguments(parser: argparse.ArgumentParser, default_config: str) -
     parser.add_argument("--all", action="store_true", help="list every series, fresh ones too")
     parser.add_argument("--json", action="store_true", help="print the raw JSON answers")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help=f"send the status token in PATH (default: ${STATUS_TOKEN_ENV}, "
+                        "else the config file's token)")
     parser.set_defaults(default_config=default_config)
+
+
+@attrs.frozen
+class Target:
+    """Where to ask, and with which token (None: none found) and where it came from."""
+
+    url: str
+    token: Secret | None = None
+    token_source: str = ""
 
 
 def _url_from_config(config: Config) -> str:
@@ -51,14 +75,43 @@ def _url_from_config(config: Config) -> str:
     return f"http://{host}:{config.status.port}"
 
 
-def resolve_url(args: argparse.Namespace) -> str:
-    """--url, else the config's [status] listen, else the default address."""
-    if args.url:
-        return str(args.url).rstrip("/")
+def resolve_target(args: argparse.Namespace, env: dict[str, str] | None = None) -> Target:
+    """The address (--url, else the config's [status] listen, else the default) and the token
+    (--token-file, else $BACKFILLD_STATUS_TOKEN, else the config's).
+
+    The config file is read when --config is given, or when there is no --url and the default
+    file exists; only then is its token used (see the module docstring).
+
+    Error handling: a bad config or an unreadable --token-file raises ConfigError.
+    """
+    env = dict(os.environ if env is None else env)
+    token_file = getattr(args, "token_file", None)
+    if token_file:
+        path = Path(token_file).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(path, None, f"--token-file: cannot read: {reason}") from None
+        _check_token(text, path, "--token-file")
+        # As the environment variable: it outranks the config's own sources, which then are
+        # not even read (a config whose token_file only root can read still gives the address).
+        env[STATUS_TOKEN_ENV] = text
+    elif env.get(STATUS_TOKEN_ENV, "").strip():
+        _check_token(env[STATUS_TOKEN_ENV].strip(), f"${STATUS_TOKEN_ENV}", "the variable")
     path = args.config or args.default_config
-    if args.config is None and not Path(path).is_file():
-        return DEFAULT_URL
-    return _url_from_config(load_config(path))  # ConfigError: exit 2 in __main__
+    read_config = args.config is not None or (not args.url and Path(path).is_file())
+    config = load_config(path, env=env) if read_config else None
+    url = (str(args.url).rstrip("/") if args.url
+           else _url_from_config(config) if config is not None else DEFAULT_URL)
+    if config is not None and config.status.token is not None:
+        source = "--token-file" if token_file else config.status.token_source
+        return Target(url, config.status.token, source)
+    explicit = env.get(STATUS_TOKEN_ENV, "").strip()
+    if explicit:
+        return Target(url, Secret(explicit), "--token-file" if token_file
+                      else f"${STATUS_TOKEN_ENV}")
+    return Target(url)
 
 
 def _get(http: httpx.Client, path: str) -> dict[str, Any]:
@@ -76,12 +129,15 @@ def _get(http: httpx.Client, path: str) -> dict[str, Any]:
 
 def run_status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     try:
-        url = resolve_url(args)
+        target = resolve_target(args)
     except ConfigError as exc:
         print(f"backfilld: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    url = target.url
+    headers = ({} if target.token is None
+               else {"authorization": f"Bearer {target.token.reveal()}"})
     try:
-        with httpx.Client(base_url=url, timeout=args.timeout) as http:
+        with httpx.Client(base_url=url, timeout=args.timeout, headers=headers) as http:
             answers = {
                 "status": _get(http, "/status"),
                 "health": _get(http, "/api/v1/admin/scheduler-health"),
@@ -93,6 +149,10 @@ def run_status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(f"backfilld: cannot reach the daemon at {url}: {exc or type(exc).__name__}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
+    if any(body["_http_status"] == 401 for body in answers.values()):
+        print(f"backfilld: {url}: the daemon requires a status token: {_token_hint(target)}",
+              file=sys.stderr)
+        return EXIT_UNAUTHORIZED
     if answers["status"]["_http_status"] != 200:
         print(f"backfilld: {url}/status answered HTTP {answers['status']['_http_status']}",
               file=sys.stderr)
@@ -104,6 +164,22 @@ def run_status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     else:
         print(render(url, answers, show_all=args.all), file=out)
     return EXIT_UNHEALTHY if answers["health"].get("status") == "unhealthy" else 0
+
+
+def _check_token(text: str, where: object, what: str) -> None:
+    """A token that can travel in a header (printable ASCII, no spaces), or ConfigError; the
+    message never quotes it."""
+    if not text:
+        raise ConfigError(where, None, f"{what} is empty; expected the status token")
+    if not (text.isascii() and text.isprintable() and " " not in text):
+        raise ConfigError(where, None, f"{what} must hold printable ASCII without spaces")
+
+
+def _token_hint(target: Target) -> str:
+    if target.token is not None:
+        return f"it refused the token from {target.token_source}; is it the daemon's token?"
+    return (f"none was sent; give --token-file PATH, set {STATUS_TOKEN_ENV}, or --config the "
+            "daemon's config file (its token_file or systemd credential)")
 
 
 # --- rendering (pure: tested with recorded answers) ------------------------------------------

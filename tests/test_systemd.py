@@ -333,7 +333,7 @@ def test_reload_change_summary() -> None:
     assert reload.describe_changes(old, new) == [
         "symbols + C", "symbols - B (stop after their current page)", "timeframes + 5m",
         "polygon.api_key ***", "polygon.requests_per_minute 150.0 -> 300.0"]
-    assert reload.restart_only_changes(old, new) == ["[status] listen"]
+    assert reload.restart_only_changes(old, new) == ["[status] (listen, token, connection cap)"]
 
 
 # --- the unit file ----------------------------------------------------------------------------

@@ -8,8 +8,10 @@
     GET /api/v1/admin/features/staleness           every configured series: last bar, age, class
     GET /api/v1/admin/scheduler/execution-history  ?limit=N recent executions, failed jobs
 
-An unknown path gets a JSON 404, another method than GET/HEAD a 405. The app sees the daemon
-only through `snapshot()` (daemon.snapshot) and the database URL.
+An unknown path gets a JSON 404, another method than GET/HEAD a 405. With a token set
+(`StatusOptions.token`), every path but /healthz and /readyz first needs
+`Authorization: Bearer <token>`, else 401 (daemon.status.auth), unknown paths included. The app
+sees the daemon only through `snapshot()` (daemon.snapshot) and the database URL.
 
 Database work never touches the writer: each readiness check or query runs in a worker thread
 (under this app's own CapacityLimiter) on a short-lived connection with a connect and a
@@ -29,11 +31,13 @@ import attrs
 import trio
 
 from .. import monitoring
+from ..config import Secret, StatusConfig
 from ..db import load_migrations
 from ..errors import DatabaseError
 from ..httpserver import Request, Response
 from ..snapshot import SnapshotSource
 from ..staleness import CLASSES
+from .auth import OPEN_PATHS, BearerAuth, unauthorized
 from .cache import Cached, Outcome
 from .health import scheduler_health
 from .metrics import CONTENT_TYPE, render
@@ -52,19 +56,33 @@ HISTORY_MAX_LIMIT = 500
 
 @attrs.frozen
 class StatusOptions:
-    """Limits of the status endpoint (hypercorn-style per-connection timeouts, answer caching).
+    """Limits and access of the status endpoint (hypercorn-style per-connection timeouts,
+    answer caching, the bearer token).
 
     Attributes:
         read_timeout: A started request must arrive in full within this many seconds.
         idle_timeout: A kept-alive connection may idle this long.
         cache_seconds: Database-backed answers are reused this long.
         db_timeout_seconds: A readiness check or query that takes longer is a 503.
+        token: When set, every path but /healthz and /readyz requires it as a bearer token.
+        allow_unauthenticated: Serve a non-loopback address without a token anyway.
+        max_connections: Connections served at once; one more is answered 503 (None: no cap).
     """
 
     read_timeout: float = 5.0
     idle_timeout: float = 30.0
     cache_seconds: float = 1.0
     db_timeout_seconds: float = 3.0
+    token: Secret | None = None
+    allow_unauthenticated: bool = False
+    max_connections: int | None = 64
+
+    def with_access(self, status: StatusConfig) -> StatusOptions:
+        """These limits with the access settings of a `[status]` config section (its token,
+        allow_unauthenticated, max_connections): the config decides who may read."""
+        return attrs.evolve(self, token=status.token,
+                            allow_unauthenticated=status.allow_unauthenticated,
+                            max_connections=status.max_connections)
 
 
 def _json(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -82,6 +100,7 @@ class StatusApp:
         self._db_url = db_url
         self._options = options
         self._nursery = nursery
+        self._auth = None if options.token is None else BearerAuth(options.token)
         self._migrations = load_migrations()
         self._db_limiter = trio.CapacityLimiter(DB_THREADS)
         ttl = options.cache_seconds
@@ -100,6 +119,10 @@ class StatusApp:
 
     async def handle(self, request: Request) -> Response:
         path = request.path.rstrip("/") or "/"
+        # Access before routing: a client without the token learns nothing of what exists.
+        if (self._auth is not None and path not in OPEN_PATHS
+                and not self._auth.allows(request.headers)):
+            return unauthorized()
         route = self._routes.get(path)
         if route is None:
             return _json({"error": "not found", "path": request.path,
