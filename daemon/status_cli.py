@@ -231,10 +231,15 @@ def render(url: str, answers: dict[str, dict[str, Any]], *, show_all: bool = Fal
     rl = st["rate_limiter"]
     rate = ("unlimited" if not rl["configured_per_minute"] else
             f"{rl['effective_per_minute']:g}/{rl['configured_per_minute']:g} per min")
-    circuit = health.get("circuit", {}).get("state", "?")
+    gate = st.get("circuit") or health.get("circuit") or {}
+    circuit = str(gate.get("state", "?"))
+    if circuit != "closed" and gate.get("open_seconds") is not None:
+        circuit = (f"{circuit.upper()} for {human_age(gate['open_seconds'])}, "
+                   f"{gate.get('probes', 0)} probe(s)")
     lines.append(f"  api: {_n(st['total_requests'])} requests, {_n(st['rate_limited_count'])} "
                  f"429s, {_n(st['retries'])} retries · rate {rate} · {rl['in_flight']} in "
-                 f"flight, {rl['waiting']} waiting · circuit {circuit}")
+                 f"flight, {rl['waiting']} waiting · circuit {circuit} · "
+                 f"{_n(st['api'].get('bars_quarantined', 0))} bars quarantined")
     w = st["writer"]
     last_write = ("-" if w["last_write_seconds"] is None
                   else f"{w['last_write_seconds'] * 1000:.0f} ms")
@@ -242,6 +247,15 @@ def render(url: str, answers: dict[str, dict[str, Any]], *, show_all: bool = Fal
                  f"{w['queue_depth']}/{w['queue_capacity']} · {_n(w['pages_written'])} pages, "
                  f"{_n(w['bars_written'])} bars · last write {last_write} · "
                  f"{w['write_errors']} rejected")
+    feats = st.get("features")
+    if feats:
+        lines.append(f"  features: {'connected' if feats['connected'] else 'NOT CONNECTED'} · "
+                     f"{_n(feats['rows_written'])} rows in {_n(feats['passes'])} passes · "
+                     f"{feats['pending']} commits pending · {feats['errors']} errors")
+    shown = cycle or last
+    if shown and shown.get("not_entitled"):
+        names = ", ".join(f"{j['symbol']} {j['timeframe']}" for j in shown["not_entitled"][:8])
+        lines.append(f"  not entitled (the plan does not cover them; asked again daily): {names}")
     if st.get("last_error"):
         err = st["last_error"]
         lines.append(f"  last error ({_when(err['at'])}): {_clip(err['message'])}")
@@ -274,6 +288,10 @@ def _staleness_section(report: dict[str, Any], show_all: bool) -> list[str]:
     counts = report["counts"]
     th = report["thresholds_hours"]
     summary = ", ".join(f"{counts[c]} {c.replace('_', ' ')}" for c in counts)
+    if report.get("quarantined"):
+        summary += f"; {report['quarantined']} bars quarantined"
+    if report.get("not_entitled"):
+        summary += f"; {report['not_entitled']} series not entitled"
     lines = [f"freshness: {summary} (fresh < {th['fresh']:g} h, aging < {th['aging']:g} h, "
              f"stale < {th['stale']:g} h)"]
     shown = [s for s in report["series"] if show_all or s["class"] != "fresh"]
@@ -281,10 +299,13 @@ def _staleness_section(report: dict[str, Any], show_all: bool) -> list[str]:
         lines.append("every series holds every bar the market could have produced")
         return lines
     rows = [(s["symbol"], s["timeframe"], s["class"].replace("_", " "), s["age"],
-             _when(s["last_bar"]), _when(s["last_success"]), _clip(s["last_error"], 60))
+             (s.get("features") or {}).get("class", "-").replace("_", " "),
+             _when(s["last_bar"]), _when(s["last_success"]), s.get("quarantined", 0),
+             _clip("not entitled: " + s["not_entitled"] if s.get("not_entitled")
+                   else s["last_error"], 60))
             for s in shown]
-    lines.append(format_table(["symbol", "timeframe", "class", "age", "last bar",
-                               "last success", "last error"], rows))
+    lines.append(format_table(["symbol", "timeframe", "class", "age", "features", "last bar",
+                               "last success", "quarantined", "last error"], rows))
     return lines
 
 

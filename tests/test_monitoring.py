@@ -282,3 +282,20 @@ def test_a_restart_closes_the_executions_its_killed_predecessor_left_running(
         ("box-1", "ok", True, None),
         ("box-2", "running", False, None),  # another instance's cycle is left alone
     ]
+
+
+async def test_executions_past_the_retention_are_pruned_with_their_jobs(database: str) -> None:
+    from daemon.monitoring import Prune
+
+    old, recent, running = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    day = 86_400.0
+    jobs = [Job("A", "1d", T0, T0 + DAY, execution_id=e) for e in (old, recent)]
+    await write_all(database, [
+        ExecutionStarted(old, "i", 1, "start", T0 / 1000), jobs[0].done(),
+        finished(old),
+        ExecutionStarted(recent, "i", 2, "start", T0 / 1000 + 100 * day), jobs[1].done(),
+        finished(recent),
+        ExecutionStarted(running, "i", 3, "start", T0 / 1000 - day),  # still open: kept
+        Prune(T0 / 1000 + 10 * day)])
+    assert sorted(query(database, "SELECT number FROM executions")) == [(2,), (3,)]
+    assert query(database, "SELECT execution_id FROM job_results") == [(recent,)]
