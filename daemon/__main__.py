@@ -59,8 +59,28 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                         "longer than this; by default an outage is waited out however long")
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (default 8 per core, one per thread that allocates): pages are
+    decoded, encoded and written in worker threads, and each arena keeps its high-water mark,
+    so RSS would grow with how many threads ever touched a page rather than with the work.
+    Measured: 110 MB -> 96 MB peak for 4 years of 5m + 1h (2 symbols). No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import faulthandler
+
+    _limit_malloc_arenas()
 
     import trio
     from loguru import logger

@@ -37,7 +37,7 @@ import trio
 from loguru import logger
 from tenacity import RetryCallState
 
-from .bars import Bar, DecodedPage, Quarantined, decode_page
+from .bars import Bar, CopyRows, DecodedPage, Quarantined, decode_page
 from .breaker import CircuitBreaker
 from .config import PolygonConfig, RetryConfig, Secret
 from .errors import (
@@ -95,6 +95,7 @@ class Page:
     bytes: int
     last: bool
     quarantined: tuple[Quarantined, ...] = ()
+    rows: CopyRows | None = None  # `bars` encoded for the writer (decoded in a worker thread)
 
 
 @attrs.frozen
@@ -270,22 +271,27 @@ class PolygonClient:
             while True:
                 started = trio.current_time()
                 body, nbytes, attempts = await self._fetch_retrying(url, from_ms, to_ms, log)
-                page = Page(
+                next_url = body.next_url
+                handed = [Page(
                     bars=body.bars,
                     attempts=attempts,
                     api_seconds=trio.current_time() - started,
                     bytes=nbytes,
-                    last=body.next_url is None,
+                    last=next_url is None,
                     quarantined=body.quarantined,
-                )
+                    rows=body.rows,
+                )]
                 self._pages += 1
                 self._bars += len(body.bars)
                 self._quarantined += len(body.quarantined)
-                # Not inside any cancel scope or nursery: a suspended generator holds nothing.
-                yield page
-                if body.next_url is None:
+                del body
+                # Not inside any cancel scope or nursery: a suspended generator holds nothing,
+                # not even the page (popped as it is yielded): memory stays one page per
+                # consumer, whatever the history's length.
+                yield handed.pop()
+                if next_url is None:
                     return
-                url = self._follow(body.next_url)
+                url = self._follow(next_url)
                 if str(url) in seen:
                     raise BadResponse("next_url points back to a page already fetched")
                 seen.add(str(url))

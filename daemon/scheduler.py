@@ -43,7 +43,7 @@ import attrs
 import trio
 from loguru import logger
 
-from .bars import Quarantined
+from .bars import Quarantined, encode_copy_rows
 from .config import Config
 from .cycles import (
     CycleSnapshot,
@@ -59,6 +59,7 @@ from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow, Prune
 from .planning import FetchRange, plan_series, split_range
 from .polygon import ClientStatistics, Page
+from .ratelimit import UNLIMITED_CEILING_PER_MINUTE
 from .timefmt import wall_clock
 from .timeframes import Timeframe
 from .writer import JobFinished, Message, PageWrite, QuarantinedSpan
@@ -577,18 +578,24 @@ class Scheduler:
                     if held:
                         log.warning("{} bar(s) quarantined (asked again next top-up): t={} "
                                     "{}", len(held), held[0].bar.t, held[0].bar.reason)
+                    last, any_bars = page.last, bool(page.bars)
+                    message = None
                     if page.bars or held or hi > page_from:
-                        await send.send(PageWrite(run.series, page.bars, (page_from, hi),
-                                                  run.receipt, held))
+                        rows = page.rows or encode_copy_rows(page.bars)[0]
+                        message = PageWrite(run.series, rows, (page_from, hi), run.receipt, held)
+                    del page  # its bars as objects: only the encoded rows wait in the queue
+                    if message is not None:
+                        await send.send(message)
+                        del message
                     page_from = max(page_from, hi)
-                    if page.last or run.receipt.write_error is not None:
+                    if last or run.receipt.write_error is not None:
                         break
                     if (self._stopping or not self._wanted(job) or run.error is not None
                             or run.refused is not None):
                         run.cancelled = run.cancelled or run.error is None
                         log.info("job stopped after its current page")
                         break
-                    if first and may_split and page.bars:
+                    if first and may_split and any_bars:
                         rest = FetchRange(page_from, fetch.to_ms, fetch.closed)
                         parts = split_range(rest, page_from - fetch.from_ms,
                                             self._parallel_ranges())
@@ -620,21 +627,26 @@ class Scheduler:
     def _parallel_ranges(self) -> int:
         """How many sub-ranges a deep range may be split into right now.
 
-        `[backfill] parallel_ranges`, or (0, auto): on an unlimited plan, the in-flight cap; on
-        a rate-limited one, only as many as it takes for the walkers running to keep
-        rate x latency requests in flight (splitting costs a partial page per sub-range).
+        `[backfill] parallel_ranges`, or (0, auto) as many as it takes for the walkers running
+        to keep rate x latency requests in flight, the rate being `requests_per_minute` (or,
+        unlimited, the API's ~100 req/s ceiling), within the in-flight cap. A fast API needs
+        no split (each sub-range costs a partial page and a page of memory); a slow one gets
+        as many as the cap allows; none while the writer's queue is half full.
         """
         config = self._config
         if config.backfill.parallel_ranges:
             return config.backfill.parallel_ranges
+        queue = self._send.statistics()
+        if queue.current_buffer_used * 2 >= queue.max_buffer_size:
+            return 1  # the writer is the bottleneck: more walkers would only wait, holding pages
         cap = config.polygon.max_in_flight
-        rpm = config.polygon.requests_per_minute
-        if rpm <= 0:
-            return cap
+        rpm = config.polygon.requests_per_minute or UNLIMITED_CEILING_PER_MINUTE
         latency = self._client.statistics().mean_latency or 1.0
-        needed = math.ceil(rpm / 60 * latency * 1.25)
+        needed = min(cap, math.ceil(rpm / 60 * latency * 1.25))
+        # all walkers together, not each series, stay within the cap: every walker may hold a
+        # page waiting for the writer, so this also bounds memory
         spare = needed - self._walkers
-        return max(1, min(cap, spare + 1))
+        return max(1, spare + 1)
 
 
 def _held_out(quarantined: tuple[Quarantined, ...], lo: int, hi: int, to_ms: int

@@ -35,7 +35,7 @@ first bar a page inserted or changed marks its series dirty from there, daemon.f
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import attrs
 import psycopg
@@ -44,7 +44,7 @@ from loguru import logger
 from tenacity import RetryCallState
 
 from . import db, features, monitoring
-from .bars import Bar, Quarantined
+from .bars import CopyRows, Quarantined
 from .errors import DatabaseUnavailable, redact
 from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow, Prune
@@ -77,7 +77,10 @@ _STAGE_COPY = (
     "COPY bars_stage (ts_ms, open, high, low, close, volume, vwap, trades)"
     " FROM STDIN (FORMAT BINARY)"
 )
-_STAGE_TYPES = ["int8", "float8", "float8", "float8", "float8", "float8", "float8", "int8"]
+# The binary COPY file's signature, flags and extension length, and its end marker: the rows
+# in between come encoded from the decoding thread (daemon.bars.encode_copy_rows).
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
+_COPY_TRAILER = b"\xff\xff"
 # Returns the first bar the page inserted or changed (NULL: nothing changed), from which the
 # series' features must be recomputed (daemon.features).
 _UPSERT = """
@@ -146,8 +149,8 @@ class PageWrite:
 
     Attributes:
         series: Whose bars.
-        bars: The page's bars, ascending `t`, validated; may be empty (a span with no trades
-            is still a span whose bars are all known).
+        rows: The page's valid bars, encoded for the stage's binary COPY (daemon.bars.CopyRows);
+            may be empty (a span with no trades is still a span whose bars are all known).
         span: `[lo, hi)` in Unix ms: every bar of the series starting in it is in this page
             (or in no answer at all). It joins the series' coverage in the page's transaction.
         receipt: The job's receipt, where the writer reports the commit.
@@ -155,7 +158,7 @@ class PageWrite:
     """
 
     series: SeriesKey
-    bars: Sequence[Bar] = attrs.field(repr=lambda bars: f"<{len(bars)} bars>")
+    rows: CopyRows
     span: Span
     receipt: Receipt
     quarantined: tuple[QuarantinedSpan, ...] = ()
@@ -366,18 +369,15 @@ class Writer:
             monitoring.record_execution_finished(cur, message)
 
     def _apply_page(self, cur: psycopg.Cursor, page: PageWrite) -> None:
-        bars = page.bars
+        rows = page.rows
         key = {"symbol": page.series.symbol, "timeframe": page.series.timeframe}
-        if bars:
-            first, last = bars[0].t, bars[-1].t
+        if rows.count:
+            first, last = rows.first_t, rows.last_t
             for year in _years(first, last):
                 if year not in self._partitions:
                     cur.execute("SELECT bars_ensure_partition(%s)", (year,))
             with cur.copy(_STAGE_COPY) as copy:
-                copy.set_types(_STAGE_TYPES)
-                write_row = copy.write_row
-                for bar in bars:
-                    write_row((bar.t, bar.o, bar.h, bar.l, bar.c, bar.v, bar.vw, bar.n))
+                copy.write(_COPY_HEADER + rows.payload + _COPY_TRAILER)
             lo_ts, hi_ts = db.from_ms(min(first, last)), db.from_ms(max(first, last))
             taken = cur.execute(_ANY_BETWEEN, {**key, "first": lo_ts, "last": hi_ts}).fetchone()
             changed_from: int | None
@@ -414,16 +414,16 @@ class Writer:
 
     def _committed(self, message: Message, seconds: float, outcome: JobOutcome | None) -> None:
         if isinstance(message, PageWrite):
-            bars = message.bars
-            if bars:
-                self._partitions.update(_years(bars[0].t, bars[-1].t))
+            rows = message.rows
+            if rows.count:
+                self._partitions.update(_years(rows.first_t, rows.last_t))
             receipt = message.receipt
-            receipt.bars_written += len(bars)
+            receipt.bars_written += rows.count
             receipt.pages_written += 1
             receipt.bars_quarantined += len(message.quarantined)
             receipt.db_seconds += seconds
             self._pages += 1
-            self._bars += len(bars)
+            self._bars += rows.count
             self._observe(seconds)
             if self._on_commit is not None:
                 self._on_commit()

@@ -720,3 +720,14 @@ async def test_a_stop_cuts_a_retry_backoff_short(autojump_clock: trio.testing.Mo
 async def _close_after(limiter: RateLimiter, seconds: float) -> None:
     await trio.sleep(seconds)
     limiter.close()
+
+
+async def test_a_value_the_database_cannot_hold_is_quarantined_not_written(
+        autojump_clock: trio.testing.MockClock) -> None:
+    api = Api(ok([bar(FROM + 86_400_000), bar(FROM + 2 * 86_400_000, n=2**70)]))
+    async with make_client(api) as client:
+        [page] = await collect(client)
+    assert [b.t for b in page.bars] == [FROM + 86_400_000]
+    assert page.rows is not None and page.rows.count == 1
+    [q] = page.quarantined
+    assert q.t == FROM + 2 * 86_400_000 and "out of range" in q.reason

@@ -28,7 +28,7 @@ from daemon.spans import EMPTY, spans
 from daemon.timeframes import Timeframe, parse_timeframe
 from daemon.writer import JobFinished, PageWrite, open_writer_channel
 
-from .writing import acknowledge
+from .writing import acknowledge, row_times
 
 TODAY = dt.date(2024, 3, 15)
 D1 = parse_timeframe("1d")
@@ -390,9 +390,9 @@ async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
         async with receive:
             async for message in receive:
                 if isinstance(message, PageWrite):
-                    written.extend(b.t for b in message.bars)
+                    written.extend(row_times(message.rows))
                     covered.append(message.span)
-                    message.receipt.bars_written += len(message.bars)
+                    message.receipt.bars_written += message.rows.count
                 elif isinstance(message, JobFinished):
                     message.receipt.outcome = JobOutcome.decide(
                         fetch_error=message.fetch.error, write_error=None,

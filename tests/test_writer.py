@@ -93,8 +93,8 @@ async def test_coverage_is_a_set_of_spans_in_any_order(database: str) -> None:
 async def test_rejected_page_fails_job_and_drops_later_pages(database: str) -> None:
     job = Job("A", "1d", T0, T0 + 10 * DAY)
     ok = [bar(T0)]
-    # trades beyond int8 range: PostgreSQL rejects the COPY
-    bad = [Bar(t=T0 + DAY, o=1, h=1, l=1, c=1, v=1, n=2**70)]
+    # a bar PostgreSQL cannot store (its year is past timestamptz): the page is rejected
+    bad = [Bar(t=2**50, o=1, h=1, l=1, c=1, v=1)]  # past timestamptz: rejected
     later = [bar(T0 + 2 * DAY)]
     writer = await write_all(database, [job.page(ok), job.page(bad),
                                         job.page(later), job.done()])

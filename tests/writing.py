@@ -3,12 +3,13 @@ run until it has drained every message."""
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections.abc import Sequence
 
 import trio
 
-from daemon.bars import Bar
+from daemon.bars import Bar, CopyRows, encode_copy_rows
 from daemon.jobs import FetchResult, Receipt, SeriesKey
 from daemon.writer import JobFinished, Message, PageWrite, Writer, open_writer_channel
 
@@ -28,7 +29,7 @@ class Job:
         """A page proving `span` (default: from the job's `from` through its last bar)."""
         if span is None:
             span = (self.fetch.from_ms, bars[-1].t + 1 if bars else self.fetch.from_ms)
-        return PageWrite(self.series, bars, span, self.receipt)
+        return PageWrite(self.series, encode_copy_rows(list(bars))[0], span, self.receipt)
 
     def done(self) -> JobFinished:
         return JobFinished(self.series, self.fetch, self.receipt)
@@ -52,8 +53,23 @@ async def acknowledge(receive: trio.MemoryReceiveChannel[Message]) -> None:
     async with receive:
         async for message in receive:
             if isinstance(message, PageWrite):
-                message.receipt.bars_written += len(message.bars)
+                message.receipt.bars_written += message.rows.count
                 message.receipt.pages_written += 1
             elif isinstance(message, JobFinished):
                 message.receipt.outcome = message.fetch.outcome(message.receipt.write_error)
                 message.receipt.finished.set()
+
+
+def row_times(rows: CopyRows) -> list[int]:
+    """The `t` of every bar in encoded COPY rows (the first field of each row)."""
+    out, data, i = [], rows.payload, 0
+    while i < len(data):
+        (fields,) = struct.unpack_from(">h", data, i)
+        i += 2
+        for field in range(fields):
+            (length,) = struct.unpack_from(">i", data, i)
+            i += 4
+            if field == 0:
+                out.append(struct.unpack_from(">q", data, i)[0])
+            i += max(length, 0)
+    return out
