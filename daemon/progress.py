@@ -25,22 +25,21 @@ from __future__ import annotations
 import collections
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 import attrs
 import trio
 from loguru import logger
-from rich.console import Console, RenderableType
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from .cycles import SchedulerState
 from .errors import BackfilldError
 from .log import running_under_journald, setup_logging
 from .snapshot import Snapshot, SnapshotSource
 from .timefmt import human_age
+
+if TYPE_CHECKING:  # rich is loaded only when a line is drawn (not under systemd, not in pipes)
+    from rich.console import RenderableType
+    from rich.live import Live
 
 __all__ = ["CycleEstimate", "RateMeter", "render", "run", "should_draw"]
 
@@ -153,6 +152,10 @@ def _eta(snap: Snapshot, estimate: CycleEstimate | None, rate: float | None) -> 
 def renderable(snap: Snapshot, estimate: CycleEstimate | None, rate: float | None
                ) -> RenderableType:
     """`render`'s line behind a bar of the cycle's jobs."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     line = Text(render(snap, estimate, rate))
     cycle = snap.scheduler.cycle
     if cycle is None:
@@ -178,6 +181,9 @@ def run(main: Callable[[], Awaitable[T]], snapshot: SnapshotSource, db_url: str,
 
 async def _with_progress(main: Callable[[], Awaitable[T]], snapshot: SnapshotSource,
                          db_url: str, stream: TextIO) -> T:
+    from rich.console import Console
+    from rich.live import Live
+
     config = snapshot().config
     console = Console(file=stream)
     live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=True,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
+from daemon.__main__ import main
 from daemon.bars import Bar, Quarantined
 from daemon.jobs import SeriesKey
 from daemon.market_calendar import et_midnight_ms
@@ -134,3 +137,12 @@ def test_the_sample_is_seeded_sized_and_in_order() -> None:
     assert len(sample_units(units, 0.001, seed=1)) == 1  # at least one
     assert sample_units(units, 1.0, seed=1) == units
     assert default_seed(dt.date(2025, 1, 14)) == 20250114
+
+
+def test_the_command_line_refuses_a_share_outside_0_to_1(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("0", "1.5", "five"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["verify", "--sample", bad])
+        assert exit_info.value.code == 2
+    assert "expected a share in (0, 1]" in capsys.readouterr().err
