@@ -191,18 +191,33 @@ async def _with_progress(main: Callable[[], Awaitable[T]], snapshot: SnapshotSou
     with live:
         # sys.stderr is rich's proxy now: log lines print above the live line
         setup_logging(config.logging.level, config.logging.format, stream=sys.stderr)
+        error: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_draw, live, snapshot, db_url)
-                result = await main()
+                # main's error leaves as itself, not in an exception group (exit codes)
+                try:
+                    result = await main()
+                except Exception as exc:
+                    error = exc
                 nursery.cancel_scope.cancel()
         finally:
             level = snapshot().config.logging
             setup_logging(level.level, level.format, stream=stream)
+    if error is not None:
+        raise error
     return result
 
 
 async def _draw(live: Live, snapshot: SnapshotSource, db_url: str) -> None:
+    """Redraw until cancelled; a failure here stops the drawing, never `run`."""
+    try:
+        await _redraw(live, snapshot, db_url)
+    except Exception as exc:  # a bug in a reporter must not stop the daemon
+        logger.warning("progress line stopped: {}: {}", type(exc).__name__, exc)
+
+
+async def _redraw(live: Live, snapshot: SnapshotSource, db_url: str) -> None:
     meter = RateMeter()
     # Before the first cycle writes anything; tried again when it starts if this failed (a
     # fresh database being migrated meanwhile), then once at the start of every later cycle.

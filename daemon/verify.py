@@ -72,7 +72,14 @@ from . import db, features
 from .bars import Bar, Quarantined
 from .breaker import CircuitBreaker
 from .config import Config, load_config
-from .errors import ApiError, ApiKeyRefused, DatabaseError, DatabaseUnavailable, redact
+from .errors import (
+    ApiError,
+    ApiKeyRefused,
+    BackfilldError,
+    DatabaseError,
+    DatabaseUnavailable,
+    redact,
+)
 from .forecast import page_ranges
 from .jobs import Receipt, SeriesKey
 from .log import setup_logging
@@ -359,12 +366,30 @@ def run_verify(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         db.apply_migrations(db_url)
         verifier = _Verifier(config, db_url, series, since=args.since, share=args.sample,
                              seed=seed, repair=args.repair)
-        trio.run(verifier.run)
+        try:
+            trio.run(verifier.run)
+        except BaseExceptionGroup as group:
+            # a database failure in one unit's task: leave as itself (exit 3), not in a group
+            error = _first_error(group)
+            if error is None:
+                raise
+            raise error from None
     if args.json:
         print(json.dumps(verifier.as_json(), indent=2), file=out)
     else:
         print(verifier.as_text(), file=out)
     return EXIT_OK if verifier.ok else EXIT_DIFFERS
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BackfilldError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BackfilldError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 class _Verifier:

@@ -17,6 +17,7 @@ from rich.console import Console
 from daemon import progress
 from daemon.breaker import BreakerState, CircuitBreaker
 from daemon.cycles import CycleSnapshot, SchedulerState
+from daemon.errors import DatabaseUnavailable
 from daemon.jobs import JobOutcome
 from daemon.progress import CycleEstimate, RateMeter, render, renderable, should_draw
 
@@ -161,3 +162,25 @@ def test_on_a_terminal_log_lines_scroll_above_the_line(
 def test_the_progress_line_reads_snapshots_never_the_parts() -> None:
     assert not _graph()["daemon.progress"] & {"daemon.compose", "daemon.app",
                                               "daemon.scheduler", "daemon.writer"}
+
+
+def test_on_a_terminal_run_s_error_leaves_as_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` maps DatabaseError to exit 3: it must not come out wrapped in a group."""
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    master, slave = os.openpty()
+    os.set_blocking(master, False)
+
+    async def main() -> None:
+        await trio.sleep(0.01)
+        raise DatabaseUnavailable("cannot connect to PostgreSQL")
+
+    try:
+        with open(slave, "w", closefd=False) as tty:
+            monkeypatch.setattr("sys.stderr", tty)
+            with pytest.raises(DatabaseUnavailable):
+                progress.run(main, lambda: snapshot(), "postgresql://127.0.0.1:1/x",
+                             stream=tty)
+    finally:
+        logger.remove()
+        os.close(master)
+        os.close(slave)
