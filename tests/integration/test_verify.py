@@ -17,6 +17,7 @@ import psycopg
 from daemon.market_calendar import et_midnight_ms
 
 from .procs import (
+    control,
     daemon_env,
     run_once,
     scripted_simulator,
@@ -155,5 +156,22 @@ def test_a_change_in_the_last_fetched_session_is_a_revision_not_corruption(
         assert [s["symbol"] for s in found["series"]] == ["X:BTCUSD"]
         # repair writes the vendor's version of both
         code, _ = verify(config, database, "--repair")
+        assert code == 0
+    assert table(database) == expected
+
+
+def test_bars_the_api_now_serves_wrong_are_quarantined_not_missing(
+        database: str, tmp_path: Path) -> None:
+    expected = truth(SEED, SYMBOLS, TIMEFRAMES, FROM_MS, TO_MS)
+    with scripted_simulator(tmp_path, seed=SEED) as url:
+        config = write_config(tmp_path / "config.toml", url, backfill())
+        assert run_once(config, database) == 0
+        control(url, "defects", ticker="AAPL", rate=0.05)  # the vendor breaks its answers
+        code, found = verify(config, database)
+        assert code == 0 and found["ok"], found  # nothing stored is known to be wrong
+        totals = found["totals"]
+        assert totals["quarantined"] > 0
+        assert (totals["missing"], totals["extra"], totals["differs"]) == (0, 0, 0)
+        code, _ = verify(config, database, "--repair")  # leaves the stored rows alone
         assert code == 0
     assert table(database) == expected
