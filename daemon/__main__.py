@@ -82,7 +82,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _limit_malloc_arenas()
 
-    import trio
     from loguru import logger
 
     from .app import EXIT_FORCED, serve
@@ -90,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import status_exposure_problem
     from .embedded import database_url
     from .log import setup_logging
+    from .progress import run as run_with_progress
     from .report import print_failures
     from .systemd import Notifier
 
@@ -114,7 +114,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         parts = build(config, db_url, config_path=Path(args.config), notifier=notifier,
                       max_wait=args.max_wait if args.once else None)
         try:
-            cycle = trio.run(lambda: serve(parts, once=args.once))
+            # on a terminal, a live progress line below the log lines (daemon.progress)
+            cycle = run_with_progress(lambda: serve(parts, once=args.once), parts.snapshot,
+                                      db_url)
         finally:
             notifier.close()
     if parts.controls.forced:
@@ -225,6 +227,30 @@ def cmd_features(args: argparse.Namespace) -> int:
     return run_features(args)
 
 
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    from .verify import add_verify_arguments
+
+    add_verify_arguments(p)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import run_verify
+
+    return run_verify(args)
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    from .plan_cli import add_plan_arguments
+
+    add_plan_arguments(p)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan_cli import run_plan
+
+    return run_plan(args)
+
+
 # name -> (help, add its arguments, run it)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
@@ -238,6 +264,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
              cmd_demo),
     "features": ("recompute the derived features (features rebuild)", _features_arguments,
                  cmd_features),
+    "verify": ("compare the stored bars with the API's, and repair them (--repair)",
+               _verify_arguments, cmd_verify),
+    "plan": ("the requests the next cycle needs, and how long they take (no API call)",
+             _plan_arguments, cmd_plan),
 }
 
 
