@@ -32,6 +32,7 @@ from .reload import Reloader
 from .retrying import when_available
 from .scheduler import Scheduler
 from .snapshot import Snapshot, SnapshotSource
+from .splits import read_checked_through
 from .status import StatusOptions
 from .systemd import Notifier
 from .timefmt import wall_clock
@@ -159,7 +160,11 @@ def build(
     async def read_series_state(symbol: str) -> dict[tuple[str, str], db.SeriesState]:
         return await when_available(db.read_series_state, db_url, symbol)
 
-    scheduler = Scheduler(config, client, send, series_state=read_series_state, today=today)
+    async def read_splits_checked() -> dt.date | None:
+        return await when_available(read_checked_through, db_url)
+
+    scheduler = Scheduler(config, client, send, series_state=read_series_state, today=today,
+                          splits_checked=read_splits_checked)
 
     def apply(old: Config, new: Config) -> None:
         del old

@@ -411,10 +411,13 @@ def estimate(config: Config, plans: Iterable[tuple[str, Timeframe, list[FetchRan
                                        refused=refused)
         series.append(one)
         chain = max(chain, longest)
-    requests = sum(s.requests for s in series)
+    # plus the cycle's one market-wide splits check (daemon.splits), adjusted data only
+    requests = sum(s.requests for s in series) + (1 if config.polygon.adjusted else 0)
     rate_bound = requests * 60 / pol.requests_per_minute if pol.requests_per_minute > 0 else 0.0
     cap_bound = requests * latency / pol.max_in_flight
     seconds = max(rate_bound, cap_bound, chain * latency) if requests else 0.0
-    return Estimate(tuple(series), requests, sum(s.upper_requests for s in series),
+    return Estimate(tuple(series), requests,
+                    sum(s.upper_requests for s in series) + (requests - sum(s.requests
+                                                                         for s in series)),
                     sum(s.bars for s in series), seconds, latency, parts,
                     pol.requests_per_minute, pol.max_in_flight)

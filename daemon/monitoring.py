@@ -48,6 +48,7 @@ __all__ = [
     "close_abandoned_executions",
     "read_freshness",
     "read_history",
+    "read_readjusting",
     "record_execution_finished",
     "record_execution_started",
     "record_job",
@@ -339,6 +340,40 @@ class Freshness:
     refused_ms: int | None = None  # when the API last refused the series (not entitled)
     refused_reason: str | None = None
     quarantined: int = 0  # bars of the series in quarantine now
+
+
+@attrs.frozen
+class Readjusting:
+    """A split applied to a series whose history before it is not fetched again yet."""
+
+    split: str  # e.g. "NVDA split 10-for-1 on 2024-06-10"
+    before_ms: int  # the execution date's ET midnight: bars before it are being re-fetched
+    applied_ms: int
+
+
+def read_readjusting(url: str, first_ms: int) -> dict[tuple[str, str], Readjusting]:
+    """Series being re-adjusted after a split: a split was applied to their ticker and their
+    coverage does not hold `[first_ms, execution date)` again yet (first_ms: the history's
+    configured start)."""
+    with reader(url) as conn:
+        rows = conn.execute(
+            "SELECT s.ticker, c.timeframe, s.execution_date, s.split_from, s.split_to,"
+            "       s.applied_at,"
+            "       extract(epoch FROM s.execution_date::timestamp AT TIME ZONE"
+            "               'America/New_York')::bigint * 1000 AS before_ms"
+            " FROM splits s JOIN coverage c ON c.symbol = s.ticker"
+            " WHERE s.applied_at IS NOT NULL AND NOT (c.covered @> int8range(%(first)s,"
+            "   extract(epoch FROM s.execution_date::timestamp AT TIME ZONE"
+            "           'America/New_York')::bigint * 1000))"
+            " ORDER BY s.execution_date", {"first": first_ms}).fetchall()
+    out: dict[tuple[str, str], Readjusting] = {}
+    for ticker, timeframe, day, split_from, split_to, applied, before in rows:
+        if before <= first_ms:
+            continue
+        kind = "reverse split" if split_from > split_to else "split"
+        label = f"{ticker} {kind} {split_to:g}-for-{split_from:g} on {day.isoformat()}"
+        out[(ticker, timeframe)] = Readjusting(label, int(before), to_ms(applied))
+    return out
 
 
 def _ms(value: dt.datetime | None) -> int | None:

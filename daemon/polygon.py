@@ -21,13 +21,15 @@ never retried and propagates at once.
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 import math
 import re
 import sys
 import time
-from collections.abc import AsyncGenerator, Generator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Callable, Generator
+from functools import partial
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import quote
 
 import attrs
@@ -54,6 +56,7 @@ from .errors import (
 )
 from .ratelimit import RateLimiter
 from .retrying import Backoff, retrying
+from .splits import Split, decode_splits
 from .timeframes import Timeframe
 
 if TYPE_CHECKING:
@@ -69,6 +72,22 @@ SNIPPET_CHARS = 200
 # What a 403's message says when the key itself is refused (vs. the plan lacking the data).
 _KEY_REFUSED = re.compile(r"(?i)\b(unknown|invalid|missing|not provided|revoked|expired)\b.*"
                           r"\bkey\b|\bapi key\b.*\b(unknown|invalid|not valid)\b")
+class _Envelope(Protocol):
+    """What every API body has: a status, an optional message, and (for the retry rule) whether
+    its results came as null."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def message(self) -> str | None: ...
+
+    @property
+    def results_null(self) -> bool: ...
+
+
+_D = TypeVar("_D", bound=_Envelope)
+
 # Worker threads decoding pages: the decode holds the GIL, so more threads buy nothing.
 _DECODE_THREADS = trio.CapacityLimiter(2)
 _TAG = re.compile(r"<[^>]*>")
@@ -270,7 +289,8 @@ class PolygonClient:
             seen = {str(url)}
             while True:
                 started = trio.current_time()
-                body, nbytes, attempts = await self._fetch_retrying(url, from_ms, to_ms, log)
+                body, nbytes, attempts = await self._fetch_retrying(
+                    url, partial(decode_page, from_ms=from_ms, to_ms=to_ms), log)
                 next_url = body.next_url
                 handed = [Page(
                     bars=body.bars,
@@ -292,6 +312,32 @@ class PolygonClient:
                 if next_url is None:
                     return
                 url = self._follow(next_url)
+                if str(url) in seen:
+                    raise BadResponse("next_url points back to a page already fetched")
+                seen.add(str(url))
+        except ApiError:
+            self._failures += 1
+            raise
+
+    async def splits(self, since: dt.date, until: dt.date) -> list[Split]:
+        """Every split executed from `since` through `until` (market-wide: one request per
+        1,000 splits), through the same limiter, breaker and retries as the bars.
+
+        Error handling: as `pages()`."""
+        log = logger.bind(symbol="*", timeframe="splits")
+        params = {"execution_date.gte": since.isoformat(),
+                  "execution_date.lte": until.isoformat(), "limit": "1000",
+                  "sort": "execution_date", "order": "asc"}
+        url = httpx.URL(self._config.base_url + "/v3/reference/splits", params=params)
+        found: list[Split] = []
+        seen = {str(url)}
+        try:
+            while True:
+                body, _, _ = await self._fetch_retrying(url, decode_splits, log)
+                found.extend(body.splits)
+                if body.next_url is None:
+                    return sorted(found)
+                url = self._follow(body.next_url)
                 if str(url) in seen:
                     raise BadResponse("next_url points back to a page already fetched")
                 seen.add(str(url))
@@ -345,8 +391,8 @@ class PolygonClient:
 
     # --- one page, retried ----------------------------------------------------------------------
 
-    async def _fetch_retrying(self, url: httpx.URL, from_ms: int, to_ms: int, log: Logger
-                              ) -> tuple[DecodedPage, int, int]:
+    async def _fetch_retrying(self, url: httpx.URL, decode: Callable[[bytes], _D], log: Logger
+                              ) -> tuple[_D, int, int]:
         """Fetch and decode one page, retrying what can be retried. Returns body, bytes, attempts.
 
         A page's attempts are charged only for failures while the circuit breaker is closed:
@@ -388,14 +434,14 @@ class PolygonClient:
             before_sleep=before_sleep,
         )
 
-        async def attempt() -> tuple[DecodedPage, int, int]:
+        async def attempt() -> tuple[_D, int, int]:
             nonlocal attempts, charged
             ticket = await self._breaker.admit()
             attempts += 1
             if attempts > 1:
                 self._retries += 1
             try:
-                body, nbytes = await self._fetch_once(url, retry, from_ms, to_ms)
+                body, nbytes = await self._fetch_once(url, retry, decode)
             except ApiError as exc:
                 if exc.transient and not isinstance(exc, RateLimited):
                     self._breaker.failed(ticket)
@@ -420,8 +466,8 @@ class PolygonClient:
             final = _gave_up(exc, attempts)
         raise final  # outside the except: no __context__ to carry the earlier errors around
 
-    async def _fetch_once(self, url: httpx.URL, retry: RetryConfig, from_ms: int, to_ms: int
-                          ) -> tuple[DecodedPage, int]:
+    async def _fetch_once(self, url: httpx.URL, retry: RetryConfig, decode: Callable[[bytes], _D]
+                          ) -> tuple[_D, int]:
         """One HTTP attempt under the limiter: send, read the whole body, check, decode (in a
         worker thread: a 50,000-bar page is tens of ms of CPU the event loop should not wait
         on)."""
@@ -450,23 +496,24 @@ class PolygonClient:
         if declared is not None and raw_bytes < declared:
             raise BadResponse(f"body cut off: {raw_bytes} of {declared} bytes")
         try:
-            decoded = await trio.to_thread.run_sync(decode_page, body, from_ms, to_ms,
-                                                    limiter=_DECODE_THREADS)
+            decoded = await trio.to_thread.run_sync(decode, body, limiter=_DECODE_THREADS)
         except BadResponse as exc:
             error: ApiError = BadResponse(self._scrub(exc.message))
         else:
             if decoded.status in OK_STATUSES:
                 if decoded.results_null:
                     raise BadResponse('"results": null (the API does this under load)')
-                if decoded.quarantined:  # their raw JSON is stored: no key in it, ever
-                    decoded = attrs.evolve(decoded, quarantined=tuple(
+                if isinstance(decoded, DecodedPage) and decoded.quarantined:
+                    # their raw JSON is stored: no key in it, ever
+                    scrubbed = attrs.evolve(decoded, quarantined=tuple(
                         attrs.evolve(q, raw=self._scrub(q.raw), reason=self._scrub(q.reason))
                         for q in decoded.quarantined))
+                    return scrubbed, raw_bytes
                 return decoded, raw_bytes
             error = self._body_error(decoded, body)
         raise error
 
-    def _body_error(self, decoded: DecodedPage, body: bytes) -> ApiError:
+    def _body_error(self, decoded: _Envelope, body: bytes) -> ApiError:
         """A 200 whose body says it failed: classified like the matching status code."""
         message = self._scrub(f"HTTP 200 with status {decoded.status!r}: {_snippet(body)}")
         if decoded.status == "NOT_AUTHORIZED":

@@ -60,6 +60,7 @@ from .monitoring import ExecutionFinished, ExecutionStarted, JobRow, Prune
 from .planning import FetchRange, plan_series, split_range
 from .polygon import ClientStatistics, Page
 from .ratelimit import UNLIMITED_CEILING_PER_MINUTE
+from .splits import Split, SplitsFound
 from .timefmt import wall_clock
 from .timeframes import Timeframe
 from .writer import JobFinished, Message, PageWrite, QuarantinedSpan
@@ -72,6 +73,10 @@ FINISH_SEND_SECONDS = 1.0
 REFUSAL_RETRY_SECONDS = 86_400.0
 # A failed series is retried after 1 minute, then 2, 4 ... up to refresh_minutes.
 RETRY_FIRST_SECONDS = 60.0
+# Splits are asked for at most this often (and at every cycle otherwise), with this many days
+# of execution dates again before the last check (a split listed late is still caught).
+SPLITS_EVERY_SECONDS = 300.0
+SPLITS_LOOKBACK_DAYS = 7
 # Monitoring rows past `[monitoring] retention_days` are pruned at most this often.
 PRUNE_EVERY_SECONDS = 3600.0
 
@@ -83,6 +88,8 @@ class PageSource(Protocol):
               ) -> AsyncIterator[Page]: ...
 
     def statistics(self) -> ClientStatistics: ...
+
+    async def splits(self, since: dt.date, until: dt.date) -> list[Split]: ...
 
 
 @attrs.frozen
@@ -190,11 +197,16 @@ class Scheduler:
         *,
         series_state: Callable[[str], Awaitable[dict[tuple[str, str], SeriesState]]],
         today: Callable[[], dt.date] | None = None,
+        splits_checked: Callable[[], Awaitable[dt.date | None]] | None = None,
     ) -> None:
         self._config = config
         self._client = client
         self._send = send
         self._series_state = series_state
+        # Reads up to which day splits were checked; None: no split checks (tests, tools).
+        self._splits_checked = splits_checked
+        self._last_splits_check = -float("inf")  # trio time
+        self._splits_disabled_until = -float("inf")
         self._walkers = 0  # sub-ranges being walked right now, across all jobs
         self._today = today or _utc_today
         self._symbol_limiter = trio.CapacityLimiter(config.backfill.max_concurrent_symbols)
@@ -341,6 +353,40 @@ class Scheduler:
             self._next_cycle_at = None
             return trigger
 
+    async def _check_splits(self) -> None:
+        """Ask for the splits executed since the last check (one market-wide request) and have
+        the writer apply the new ones (daemon.splits) before any symbol is planned.
+
+        Error handling: an API failure here is logged and the cycle goes on (the check comes
+        again next cycle); a plan without reference data (403) stops checking for a day.
+        """
+        config = self._config
+        now = trio.current_time()
+        if (self._splits_checked is None or not config.polygon.adjusted
+                or now - self._last_splits_check < SPLITS_EVERY_SECONDS
+                or now < self._splits_disabled_until):
+            return
+        today = self._today()
+        through = await self._splits_checked()
+        since = (through - dt.timedelta(days=SPLITS_LOOKBACK_DAYS) if through is not None
+                 else config.backfill.first_day(today))
+        try:
+            found = await self._client.splits(since, today)
+        except NotEntitled as exc:
+            logger.warning("splits: the API plan does not cover them ({}); adjusted history "
+                           "is not checked for splits for a day", exc)
+            self._splits_disabled_until = now + REFUSAL_RETRY_SECONDS
+            return
+        except ApiError as exc:
+            logger.warning("splits: not checked this cycle: {}", exc)
+            return
+        self._last_splits_check = trio.current_time()
+        receipt = Receipt()
+        tickers = frozenset(config.backfill.symbols)
+        await self._send.send(SplitsFound(tuple(found), today, through is None, tickers,
+                                          receipt))
+        await receipt.finished.wait()
+
     def _due_retries(self) -> set[SeriesKey]:
         now = trio.current_time()
         return {key for key, (_, due) in self._retries.items() if due <= now}
@@ -380,6 +426,8 @@ class Scheduler:
                     len(symbols), len(self._config.backfill.timeframes))
         await self._send.send(ExecutionStarted(cycle.execution_id, self._config.instance,
                                                cycle.number, trigger, cycle.started_wall))
+        if only is None:
+            await self._check_splits()
         if cycle.started_wall - self._last_prune >= PRUNE_EVERY_SECONDS:
             self._last_prune = cycle.started_wall
             days = self._config.monitoring.retention_days

@@ -292,6 +292,8 @@ def _staleness_section(report: dict[str, Any], show_all: bool) -> list[str]:
         summary += f"; {report['quarantined']} bars quarantined"
     if report.get("not_entitled"):
         summary += f"; {report['not_entitled']} series not entitled"
+    if report.get("readjusting"):
+        summary += f"; {report['readjusting']} series re-adjusting after a split"
     lines = [f"freshness: {summary} (fresh < {th['fresh']:g} h, aging < {th['aging']:g} h, "
              f"stale < {th['stale']:g} h)"]
     shown = [s for s in report["series"] if show_all or s["class"] != "fresh"]
@@ -302,6 +304,7 @@ def _staleness_section(report: dict[str, Any], show_all: bool) -> list[str]:
              (s.get("features") or {}).get("class", "-").replace("_", " "),
              _when(s["last_bar"]), _when(s["last_success"]), s.get("quarantined", 0),
              _clip("not entitled: " + s["not_entitled"] if s.get("not_entitled")
+                   else "re-adjusting: " + s["readjusting_for"] if s.get("readjusting")
                    else s["last_error"], 60))
             for s in shown]
     lines.append(format_table(["symbol", "timeframe", "class", "age", "features", "last bar",

@@ -50,6 +50,7 @@ from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow, Prune
 from .retrying import DB_MAX_SECONDS, DB_MIN_SECONDS, Backoff, retrying
 from .spans import Span
+from .splits import Applied, SplitsFound, apply_splits
 from .timefmt import wall_clock
 
 __all__ = [
@@ -182,7 +183,8 @@ class JobFinished:
     receipt: Receipt
 
 
-Message = PageWrite | JobFinished | ExecutionStarted | ExecutionFinished | Prune
+Message = (PageWrite | JobFinished | ExecutionStarted | ExecutionFinished | Prune
+           | SplitsFound)
 
 
 @attrs.frozen
@@ -204,6 +206,7 @@ class WriterStatistics:
     write_buckets: tuple[int, ...] = ()
     write_seconds_sum: float = 0.0
     plain_pages: int = 0  # pages inserted plainly (no bar of the series in their span yet)
+    splits_applied: int = 0  # splits that rescaled (and sent for re-fetching) stored history
 
 
 def open_writer_channel(
@@ -252,6 +255,8 @@ class Writer:
         self._last_error: tuple[float, str] | None = None
         self._buckets = [0] * len(WRITE_BUCKETS)
         self._plain_pages = 0  # pages inserted without ON CONFLICT (nothing there yet)
+        self._applied: list[Applied] = []  # splits the current transaction applied
+        self._splits_applied = 0
         self._seconds_sum = 0.0
 
     def statistics(self) -> WriterStatistics:
@@ -273,6 +278,7 @@ class Writer:
             write_buckets=tuple(self._buckets),
             write_seconds_sum=self._seconds_sum,
             plain_pages=self._plain_pages,
+            splits_applied=self._splits_applied,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -365,6 +371,8 @@ class Writer:
             monitoring.record_execution_started(cur, message)
         elif isinstance(message, Prune):
             monitoring.prune(cur, message)
+        elif isinstance(message, SplitsFound):
+            self._applied = apply_splits(cur, message)
         else:
             monitoring.record_execution_finished(cur, message)
 
@@ -427,6 +435,16 @@ class Writer:
             self._observe(seconds)
             if self._on_commit is not None:
                 self._on_commit()
+        elif isinstance(message, SplitsFound):
+            for applied in self._applied:
+                self._splits_applied += 1
+                counts = ", ".join(f"{n} {tf}" for tf, n in sorted(applied.bars.items()))
+                logger.bind(symbol=applied.split.ticker, timeframe="*").warning(
+                    "{}: rescaled the bars before it ({}) and re-fetching that history so "
+                    "the adjusted series is exactly what the API serves now",
+                    applied.split, counts or "none stored")
+            self._applied = []
+            self._finish(message.receipt, JobOutcome.OK)
         elif isinstance(message, JobFinished):
             message.receipt.db_seconds += seconds
             if outcome is JobOutcome.FAILED:
@@ -436,7 +454,12 @@ class Writer:
 
     def _reject(self, message: Message, error: str) -> None:
         self._errors += 1
-        if isinstance(message, PageWrite | JobFinished):
+        if isinstance(message, SplitsFound):
+            self._applied = []
+            self._note_error(error)
+            logger.error(error)
+            self._finish(message.receipt, JobOutcome.FAILED)
+        elif isinstance(message, PageWrite | JobFinished):
             receipt = message.receipt
             receipt.write_error = receipt.write_error or error
             self._note_error(f"{message.series}: {error}")

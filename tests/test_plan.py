@@ -79,13 +79,15 @@ def test_a_deep_range_is_counted_as_the_scheduler_splits_it() -> None:
 
 def test_parallel_parts_follow_the_scheduler_s_rule() -> None:
     unlimited = parse_config("[polygon]\nrequests_per_minute = 0\nmax_in_flight = 12\n", env={})
-    assert parallel_parts(unlimited, walkers=40, latency=1.0) == 12
+    assert parallel_parts(unlimited, walkers=1, latency=1.0) == 12  # 100/s x 1 s, capped
+    assert parallel_parts(unlimited, walkers=1, latency=0.005) == 1  # a fast API: no split
+    assert parallel_parts(unlimited, walkers=40, latency=1.0) == 1  # the cap is for all
     fixed = parse_config("[backfill]\nparallel_ranges = 3\n", env={})
     assert parallel_parts(fixed, walkers=40, latency=1.0) == 3
     limited = parse_config("[polygon]\nrequests_per_minute = 150\n", env={})
     assert parallel_parts(limited, walkers=15, latency=1.0) == 1  # ceil(2.5 * 1.25) < 15
     fast = parse_config("[polygon]\nrequests_per_minute = 600\n", env={})
-    assert parallel_parts(fast, walkers=3, latency=2.0) == 16  # ceil(25) - 3 + 1, capped
+    assert parallel_parts(fast, walkers=3, latency=2.0) == 14  # min(16, ceil(25)) - 3 + 1
     assert scheduler.REFUSAL_RETRY_SECONDS == REFUSAL_RETRY_SECONDS
 
 
@@ -135,7 +137,7 @@ def test_the_time_is_the_rate_bound_or_the_in_flight_bound() -> None:
     tf = parse_timeframe("1h")
     limited = parse_config("[polygon]\nrequests_per_minute = 30\npage_limit = 1000\n", env={})
     plan = estimate(limited, [("AAPL", tf, fetch, None)])
-    assert plan.requests == plan.series[0].requests > 1
+    assert plan.requests == plan.series[0].requests + 1 > 2  # + the cycle's splits check
     assert plan.seconds == pytest.approx(plan.requests * 2.0)  # 30 a minute
     unlimited = parse_config("[polygon]\nrequests_per_minute = 0\nmax_in_flight = 4\n"
                              "page_limit = 1000\n", env={})
@@ -143,7 +145,8 @@ def test_the_time_is_the_rate_bound_or_the_in_flight_bound() -> None:
     assert plan.seconds == pytest.approx(max(plan.requests * 0.5 / 4,
                                              0.5 * (1 + -(-(plan.series[0].requests - 1)
                                                           // 4))))
-    assert estimate(unlimited, []).seconds == 0.0
+    nothing = estimate(unlimited, [])  # only the cycle's splits check
+    assert nothing.requests == 1 and nothing.series == ()
 
 
 def test_plan_cycle_plans_what_the_scheduler_would() -> None:
@@ -168,8 +171,8 @@ def test_plan_cycle_plans_what_the_scheduler_would() -> None:
     assert by["MSFT"].requests == 0 and by["MSFT"].refused == "not entitled" and by["MSFT"].job
     assert by["NVDA"].requests == 1 and by["NVDA"].ranges[0].from_ms == lo
     assert not by["TSLA"].job
-    assert plan.jobs == 3 and plan.requests == 2
+    assert plan.jobs == 3 and plan.requests == 2 + 1  # + the cycle's splits check
     out = as_json(plan)
-    assert out["requests"] == 2 and isinstance(out["seconds"], float)
+    assert out["requests"] == 3 and isinstance(out["seconds"], float)
     assert [s["symbol"] for s in out["series"]] == ["AAPL", "MSFT", "NVDA", "TSLA"]  # type: ignore
-    assert "total: 2 requests" in as_text(plan, "c.toml")
+    assert "total: 3 requests" in as_text(plan, "c.toml")

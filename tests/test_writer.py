@@ -164,3 +164,46 @@ async def test_quarantined_spots_stay_out_of_coverage_until_a_good_answer(
         assert conn.execute("SELECT count(*) FROM quarantined_bars").fetchall() == [(0,)]
     assert db.read_coverage(database)[("A", "1d")] == spans([(T0, T0 + 3 * DAY)])
     assert [db.to_ms(r[2]) for r in rows(database)] == [T0, T0 + DAY, T0 + 2 * DAY]
+
+
+async def test_a_new_split_rescales_history_in_one_transaction_and_uncovers_it(
+        database: str) -> None:
+    import datetime as dt
+
+    from daemon.jobs import Receipt
+    from daemon.market_calendar import et_date, et_midnight_ms
+    from daemon.splits import Split, SplitsFound
+
+    job = Job("NVDA", "1d", T0, T0 + 10 * DAY)
+    other = Job("MSFT", "1d", T0, T0 + 10 * DAY)
+    days = [T0 + i * DAY for i in range(6)]
+    await write_all(database, [job.page([bar(t) for t in days]),
+                               other.page([bar(t) for t in days])])
+    execution = et_date(T0 + 3 * DAY)
+    ten_for_one = Split(execution, "NVDA", 1, 10, "E1")
+    baseline = Receipt()
+    # the first check ever: recorded, nothing applied (the data was fetched knowing it)
+    await write_all(database, [SplitsFound((ten_for_one,), execution, True,
+                                           frozenset({"NVDA", "MSFT"}), baseline)])
+    assert rows(database)[0][3] == 10.0 and baseline.finished.is_set()
+    reverse = Split(execution + dt.timedelta(days=1), "NVDA", 5, 1, "E2")
+    await write_all(database, [SplitsFound((ten_for_one, reverse), execution, False,
+                                           frozenset({"NVDA", "MSFT"}), Receipt())])
+    got = {(r[0], db.to_ms(r[2])): r for r in rows(database)}
+    before = et_midnight_ms(reverse.execution_date)
+    for t in days:
+        nvda, msft = got[("NVDA", t)], got[("MSFT", t)]
+        if t < before:  # prices x 5, volumes / 5 (only the new split applies)
+            assert nvda[3:] == (50.0, 60.0, 45.0, 50.0, 3000.0, 50.0, 5)
+        else:
+            assert nvda[3:] == msft[3:]
+        assert msft[3:] == (10.0, 12.0, 9.0, 10.0, 15000.0, 10.0, 5)
+    # the history before it leaves coverage: the next plan fetches it again, exactly
+    assert db.read_coverage(database)[("NVDA", "1d")] == spans([(before, T0 + 5 * DAY + 1)])
+    assert db.read_coverage(database)[("MSFT", "1d")] == spans([(T0, T0 + 5 * DAY + 1)])
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT id, applied_at IS NOT NULL FROM splits ORDER BY id"
+                            ).fetchall() == [("E1", False), ("E2", True)]
+        dirty = conn.execute("SELECT symbol, from_ts FROM features_dirty"
+                             " WHERE symbol = 'NVDA'").fetchall()
+    assert dirty == [("NVDA", db.from_ms(T0))]  # features from the first rescaled bar

@@ -22,6 +22,7 @@ cached database answers, passed in with the snapshot.
     backfilld_pages_written_total           pages committed
     backfilld_write_errors_total            writes the database rejected
     backfilld_writer_reconnects_total       writer reconnections
+    backfilld_splits_applied_total          splits that re-adjusted stored history
     backfilld_writer_queue_depth / _capacity pages waiting for the writer
     backfilld_write_seconds                 histogram: one page's transaction
     backfilld_cycles_total{status}          finished cycles by outcome (ok/failed/interrupted)
@@ -123,6 +124,8 @@ class _SnapshotCollector(Collector):
         yield counter("backfilld_write_errors", "Writes the database rejected",
                       writer.write_errors)
         yield counter("backfilld_writer_reconnects", "Writer reconnections", writer.reconnects)
+        yield counter("backfilld_splits_applied", "Splits that re-adjusted stored history",
+                      writer.splits_applied)
         yield gauge("backfilld_writer_queue_depth", "Messages waiting for the writer",
                     writer.queue_depth)
         yield gauge("backfilld_writer_queue_capacity", "Size of the writer's queue",

@@ -12,6 +12,7 @@ from typing import Any
 from .. import monitoring
 from ..config import Config
 from ..features import read_features_lag
+from ..market_calendar import et_date, et_midnight_ms
 from ..staleness import CLASSES, series_age
 from ..timefmt import human_age, iso_ms
 from .views import rounded
@@ -27,6 +28,8 @@ def staleness_report(url: str, config: Config, now_ms: int) -> dict[str, Any]:
     """Read freshness rows and classify every configured series (runs in a worker thread)."""
     rows = monitoring.read_freshness(url)
     lags = read_features_lag(url)
+    first_ms = et_midnight_ms(config.backfill.first_day(et_date(now_ms)))
+    readjusting = monitoring.read_readjusting(url, first_ms)
     thresholds = config.staleness
     series = []
     counts = dict.fromkeys(CLASSES, 0)
@@ -68,6 +71,9 @@ def staleness_report(url: str, config: Config, now_ms: int) -> dict[str, Any]:
                 "not_entitled": row.refused_reason if row and row.refused_ms else None,
                 "not_entitled_since": iso_ms(row.refused_ms if row else None),
                 "quarantined": row.quarantined if row else 0,
+                "readjusting": (symbol, tf.label) in readjusting,
+                "readjusting_for": (readjusting[(symbol, tf.label)].split
+                                    if (symbol, tf.label) in readjusting else None),
                 "features": {
                     "class": feature_age.cls,
                     "newest": iso_ms(newest_feature),
@@ -80,6 +86,7 @@ def staleness_report(url: str, config: Config, now_ms: int) -> dict[str, Any]:
         "now": iso_ms(now_ms),
         "not_entitled": refused,
         "quarantined": sum(s["quarantined"] for s in series),
+        "readjusting": sum(1 for s in series if s["readjusting"]),
         "thresholds_hours": {"fresh": thresholds.fresh_hours, "aging": thresholds.aging_hours,
                              "stale": thresholds.stale_hours},
         "counts": counts,

@@ -89,8 +89,9 @@ def test_second_run_is_a_top_up_not_a_refetch(database: str, tmp_path: Path) -> 
         first = _sim_stats(url)["requests"]
         assert run_once(config, database) == 0
         second = _sim_stats(url)["requests"] - first
-    # the top-up asks for the overlap window only: one page per timeframe
-    assert second == len(TIMEFRAMES)
+    # the top-up asks for the overlap window only: one page per timeframe, and the cycle's one
+    # market-wide splits check
+    assert second == len(TIMEFRAMES) + 1
     assert first > 3 * len(TIMEFRAMES)
     assert table(database) == truth(SEED, ["BRK.A"], TIMEFRAMES, FROM_MS, TO_MS)
 

@@ -61,6 +61,6 @@ def test_plan_is_within_15_percent_of_what_run_once_sends(
     error = (planned["requests"] - sent) / sent
     print(f"total: planned {planned['requests']}, sent {sent}: {error:+.1%}; "
           f"upper bound {planned['upper_requests']}")
-    assert sum(a for _, a in errors.values()) == sent
+    assert sum(a for _, a in errors.values()) + 1 == sent  # + the cycle's splits check
     assert abs(error) <= TOLERANCE, (planned["requests"], sent)
     assert planned["seconds"] > 0 and planned["jobs"] == len(SYMBOLS) * len(TIMEFRAMES)
