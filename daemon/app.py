@@ -6,6 +6,7 @@
      ├─ watchdog    WATCHDOG=1 while the writer makes progress; STATUS= updates (after READY)
      ├─ shutdown    turns a stop into deadlines on the work and writer scopes
      ├─ features    recomputes the features of series the writer marked dirty (own connection)
+     ├─ coordinator registers this instance, heartbeats, renews its series leases
      └─ work nursery
          ├─ writer     started first (connected, stage ready)
          └─ scheduler  cycles of jobs → pages → the writer's channel
@@ -33,6 +34,7 @@ from . import monitoring, systemd
 from .compose import Controls, Parts
 from .cycles import CycleSnapshot
 from .db import apply_migrations
+from .leases import reap_local
 from .retrying import when_available
 from .status import serve_status
 from .writer import Writer
@@ -69,8 +71,12 @@ async def serve(
     controls = parts.controls
     try:
         await _migrate(parts)
+        reaped = await when_available(reap_local, parts.db_url, parts.coordinator.identity.host)
+        if reaped:
+            logger.info("{} instance(s) of this host had died: their leases are free", reaped)
         abandoned = await when_available(monitoring.close_abandoned_executions, parts.db_url,
-                                         parts.config.instance)
+                                         parts.config.instance,
+                                         2 * parts.coordinator.lease_seconds)
         if abandoned:
             logger.info("marked {} unfinished execution(s) of a previous run as interrupted",
                         abandoned)
@@ -81,6 +87,8 @@ async def serve(
             async with trio.open_nursery() as work:
                 await work.start(_run_writer, parts.writer, writer_scope)
                 await root.start(parts.features.run)
+                # registered and heartbeating before the first claim; leases released on exit
+                await root.start(parts.coordinator.run)
                 port = await root.start(
                     serve_status, parts.snapshot, parts.db_url, parts.config.status.host,
                     parts.config.status.port, parts.status_options)
@@ -101,6 +109,7 @@ async def serve(
         return result
     finally:
         controls.notify_stopping()
+        parts.budget.close()
 
 
 async def _migrate(parts: Parts) -> None:

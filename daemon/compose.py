@@ -23,11 +23,13 @@ from loguru import logger
 
 from . import __version__, db, systemd
 from .breaker import CircuitBreaker
+from .budget import SharedBudget
 from .config import Config
 from .features import FeaturesTask
+from .leases import Coordinator, Identity
 from .log import setup_logging
 from .polygon import PolygonClient
-from .ratelimit import RateLimiter
+from .ratelimit import FLOOR, RECOVERY, SLOWDOWN, RateLimiter
 from .reload import Reloader
 from .retrying import when_available
 from .scheduler import Scheduler
@@ -119,10 +121,12 @@ class Parts:
     notifier: Notifier
     reloader: Reloader
     limiter: RateLimiter
+    budget: SharedBudget
     breaker: CircuitBreaker
     client: PolygonClient
     writer: Writer
     features: FeaturesTask
+    coordinator: Coordinator
     scheduler: Scheduler
     controls: Controls
     snapshot: SnapshotSource
@@ -145,8 +149,12 @@ def build(
     """
     notifier = notifier or Notifier(None)
     started_at = time.time()
+    identity = Identity.new(config.instance)
+    coordinator = Coordinator(db_url, identity, lease_seconds=config.lease_seconds)
+    shared = SharedBudget(db_url, config.polygon.api_key, slowdown=SLOWDOWN, floor=FLOOR,
+                          recovery=RECOVERY)
     limiter = RateLimiter(config.polygon.requests_per_minute,
-                          max_in_flight=config.polygon.max_in_flight)
+                          max_in_flight=config.polygon.max_in_flight, shared=shared)
     retry = config.retry
     breaker = CircuitBreaker(threshold=retry.breaker_failures,
                              first_probe_seconds=retry.breaker_probe_seconds,
@@ -155,7 +163,8 @@ def build(
     client = PolygonClient(config.polygon, config.retry, limiter=limiter, breaker=breaker)
     send, receive = open_writer_channel(config.database.queue_pages)
     features_task = FeaturesTask(db_url)
-    writer = Writer(db_url, receive, on_commit=features_task.notify)
+    writer = Writer(db_url, receive, on_commit=features_task.notify, instance_id=identity.id,
+                    on_release=coordinator.released)
 
     async def read_series_state(symbol: str) -> dict[tuple[str, str], db.SeriesState]:
         return await when_available(db.read_series_state, db_url, symbol)
@@ -164,7 +173,7 @@ def build(
         return await when_available(read_checked_through, db_url)
 
     scheduler = Scheduler(config, client, send, series_state=read_series_state, today=today,
-                          splits_checked=read_splits_checked)
+                          splits_checked=read_splits_checked, coordinator=coordinator)
 
     def apply(old: Config, new: Config) -> None:
         del old
@@ -191,13 +200,16 @@ def build(
             breaker=breaker.statistics(),
             writer=writer.statistics(),
             features=features_task.statistics(),
+            instances=coordinator.statistics(),
             scheduler=scheduler.statistics(),
         )
 
     controls = Controls(reloader=reloader, notifier=notifier, limiter=limiter,
                         breaker=breaker, scheduler=scheduler, snapshot=snapshot)
     return Parts(config=config, db_url=db_url, notifier=notifier, reloader=reloader,
-                 limiter=limiter, breaker=breaker, client=client, writer=writer,
-                 features=features_task, scheduler=scheduler, controls=controls,
+                 limiter=limiter, budget=shared, breaker=breaker, client=client,
+                 writer=writer,
+                 features=features_task, coordinator=coordinator, scheduler=scheduler,
+                 controls=controls,
                  snapshot=snapshot,
                  status_options=(status_options or StatusOptions()).with_access(config.status))

@@ -176,6 +176,9 @@ class Config:
     monitoring: MonitoringConfig = MonitoringConfig()
     state_dir: Path = Path("~/.local/state/backfilld").expanduser()
     instance: str = "backfilld"
+    # Scale-out (daemon.leases): a series' lease lapses this long after its holder's last
+    # renewal; another instance then takes the series over.
+    lease_seconds: float = 30.0
     source: str = "<defaults>"
 
 
@@ -267,7 +270,8 @@ def _listen(v: Any) -> tuple[str, int]:
 
 # section -> key -> checker. The attrs field of the same name receives the value.
 _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "daemon": {"state_dir": _string, "instance": _string},
+    "daemon": {"state_dir": _string, "instance": _string,
+               "lease_seconds": _number(1, 3600)},
     "polygon": {
         "base_url": _url,
         "api_key": _string,
@@ -440,6 +444,7 @@ def _build(values: dict[str, dict[str, Any]], env: Mapping[str, str], source: st
         monitoring=MonitoringConfig(**values.get("monitoring", {})),
         state_dir=Path(state_dir or "~/.local/state/backfilld").expanduser(),
         instance=daemon.get("instance") or _default_instance(),
+        lease_seconds=daemon.get("lease_seconds", 30.0),
         source=source,
     )
 

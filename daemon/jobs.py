@@ -19,7 +19,7 @@ import uuid
 import attrs
 import trio
 
-__all__ = ["FetchResult", "JobOutcome", "Receipt", "SeriesKey"]
+__all__ = ["FetchResult", "JobOutcome", "Lease", "Receipt", "SeriesKey"]
 
 
 @attrs.frozen(order=True)
@@ -33,6 +33,15 @@ class SeriesKey:
         return f"{self.symbol} {self.timeframe}"
 
 
+@attrs.frozen
+class Lease:
+    """The right to write a series (daemon.leases): the holder's instance id and the fence the
+    claim got. Every page's transaction checks both, so a holder that lost it writes nothing."""
+
+    holder: str
+    fence: int
+
+
 class JobOutcome(enum.Enum):
     """How a job ended. The value is what `job_results.status` stores."""
 
@@ -43,7 +52,8 @@ class JobOutcome(enum.Enum):
 
     @classmethod
     def decide(cls, *, fetch_error: str | None, write_error: str | None,
-               cancelled: bool, refused: str | None = None) -> JobOutcome:
+               cancelled: bool, refused: str | None = None,
+               lease_lost: bool = False) -> JobOutcome:
         """The one rule. Any error fails the job, even one that was also cancelled: a page the
         database rejected is a failure whatever happened to the job afterwards. A series the
         plan refuses is not a failure of the daemon: it has its own outcome."""
@@ -51,7 +61,9 @@ class JobOutcome(enum.Enum):
             return cls.FAILED
         if refused is not None:
             return cls.NOT_ENTITLED
-        return cls.CANCELLED if cancelled else cls.OK
+        # another instance took the series over (its lease lapsed): the job stopped, the
+        # series goes on elsewhere
+        return cls.CANCELLED if cancelled or lease_lost else cls.OK
 
 
 @attrs.frozen
@@ -77,9 +89,10 @@ class FetchResult:
     refused: str | None = None
     asked: bool = True
 
-    def outcome(self, write_error: str | None) -> JobOutcome:
+    def outcome(self, write_error: str | None, *, lease_lost: bool = False) -> JobOutcome:
         return JobOutcome.decide(fetch_error=self.error, write_error=write_error,
-                                 cancelled=self.cancelled, refused=self.refused)
+                                 cancelled=self.cancelled, refused=self.refused,
+                                 lease_lost=lease_lost)
 
 
 @attrs.define(eq=False)
@@ -97,5 +110,6 @@ class Receipt:
     bars_quarantined: int = 0
     db_seconds: float = 0.0
     write_error: str | None = None
+    lease_lost: bool = False  # a page was refused: another instance holds the series now
     outcome: JobOutcome | None = None
     finished: trio.Event = attrs.field(factory=trio.Event)

@@ -99,10 +99,10 @@ ON CONFLICT (symbol, timeframe) DO UPDATE SET
 _JOB_RESULT = """
 INSERT INTO job_results AS r
     (symbol, timeframe, execution_id, status, from_ts, to_ts, bars, pages, attempts,
-     api_seconds, db_seconds, error, quarantined)
+     api_seconds, db_seconds, error, quarantined, instance_id)
 VALUES (%(symbol)s, %(timeframe)s, %(execution_id)s, %(status)s, %(from_ts)s, %(to_ts)s,
         %(bars)s, %(pages)s, %(attempts)s, %(api_seconds)s, %(db_seconds)s, %(error)s,
-        %(quarantined)s)
+        %(quarantined)s, %(instance_id)s)
 ON CONFLICT (symbol, timeframe, execution_id) DO UPDATE SET
     status = EXCLUDED.status,
     from_ts = LEAST(r.from_ts, EXCLUDED.from_ts),
@@ -113,6 +113,7 @@ ON CONFLICT (symbol, timeframe, execution_id) DO UPDATE SET
     api_seconds = r.api_seconds + EXCLUDED.api_seconds,
     db_seconds = r.db_seconds + EXCLUDED.db_seconds,
     quarantined = r.quarantined + EXCLUDED.quarantined,
+    instance_id = EXCLUDED.instance_id,
     error = EXCLUDED.error,
     finished_at = now()
 """
@@ -127,8 +128,8 @@ UPDATE executions SET
 WHERE id = %(execution_id)s
 """
 _EXECUTION_START = """
-INSERT INTO executions (id, instance, number, trigger, started_at)
-VALUES (%(id)s, %(instance)s, %(number)s, %(trigger)s, %(started_at)s)
+INSERT INTO executions (id, instance, number, trigger, started_at, instance_id)
+VALUES (%(id)s, %(instance)s, %(number)s, %(trigger)s, %(started_at)s, %(instance_id)s)
 ON CONFLICT (id) DO NOTHING
 """
 _EXECUTION_FINISH = """
@@ -182,11 +183,12 @@ def record_page(cur: psycopg.Cursor, series: SeriesKey, last_bar_ms: int) -> Non
                                   "last_bar": from_ms(last_bar_ms)})
 
 
-def record_job(cur: psycopg.Cursor, row: JobRow, execution_id: uuid.UUID | None) -> None:
+def record_job(cur: psycopg.Cursor, row: JobRow, execution_id: uuid.UUID | None,
+               instance_id: str | None = None) -> None:
     """The job's result row, its execution's counters and the series' freshness, in the job's
     last transaction. A job outside any execution (tests, tools) records freshness only."""
     if execution_id is not None:
-        cur.execute(_JOB_RESULT, row.params(execution_id))
+        cur.execute(_JOB_RESULT, {**row.params(execution_id), "instance_id": instance_id})
         cur.execute(_EXECUTION_JOB, {"status": row.outcome.value, "bars": row.bars,
                                      "quarantined": row.quarantined,
                                      "execution_id": execution_id})
@@ -208,6 +210,7 @@ class ExecutionStarted:
     number: int
     trigger: str
     started_wall: float
+    instance_id: str | None = None  # daemon.leases: which process (the label is `instance`)
 
 
 @attrs.frozen
@@ -253,13 +256,15 @@ def record_execution_started(cur: psycopg.Cursor, message: ExecutionStarted) -> 
     cur.execute(_EXECUTION_START, {
         "id": message.id, "instance": message.instance, "number": message.number,
         "trigger": message.trigger, "started_at": utc(message.started_wall),
+        "instance_id": message.instance_id,
     })
 
 
 def record_execution_finished(cur: psycopg.Cursor, message: ExecutionFinished) -> None:
     if message.late_failures:
         cur.executemany(_JOB_RESULT_LATE,
-                        [row.params(message.id) for row in message.late_failures])
+                        [{**row.params(message.id), "instance_id": None}
+                         for row in message.late_failures])
     cur.execute(_EXECUTION_FINISH, {
         "id": message.id, "status": message.status, "finished_at": utc(message.finished_wall),
         "duration": message.duration_seconds, "jobs_total": message.jobs_total,
@@ -297,19 +302,27 @@ def reader(url: str) -> Iterator[psycopg.Connection]:
         conn.close()
 
 
-def close_abandoned_executions(url: str, instance: str) -> int:
-    """Mark this instance's executions that never finished as interrupted; return how many.
+def close_abandoned_executions(url: str, instance: str, dead_after_seconds: float = 60.0
+                               ) -> int:
+    """Mark executions whose process is gone as interrupted; return how many.
 
     A cycle whose process was killed stays 'running' forever otherwise, and the history and
-    health endpoints would show a cycle that is not running. Called once at start, before this
-    process begins a cycle of its own, so every unfinished row of the instance is a dead one.
+    health endpoints would show a cycle that is not running. A process is gone when its
+    instance row (daemon.leases) stopped or stopped heartbeating `dead_after_seconds` ago, or,
+    for rows written before instances were recorded, when it had this instance's label.
+    Several live processes on one host (one label) keep their running cycles.
     """
     with reader(url) as conn:
         cur = conn.execute(
             "UPDATE executions SET status = 'interrupted', finished_at = now(),"
             " error = coalesce(error, 'the process ended before the cycle finished')"
-            " WHERE instance = %s AND finished_at IS NULL",
-            (instance,),
+            " WHERE finished_at IS NULL AND ("
+            "   (instance_id IS NULL AND instance = %(label)s)"
+            "   OR instance_id IN (SELECT id FROM instances WHERE stopped_at IS NOT NULL"
+            "       OR heartbeat_at < now() - %(dead)s * interval '1 second')"
+            "   OR (instance_id IS NOT NULL"
+            "       AND instance_id NOT IN (SELECT id FROM instances)))",
+            {"label": instance, "dead": dead_after_seconds},
         )
         return cur.rowcount
 

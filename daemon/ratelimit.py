@@ -27,12 +27,15 @@ schedules.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import attrs
 import trio
+
+from .budget import SharedBudget
 
 __all__ = ["Grant", "RateLimiter", "RateLimiterStatistics"]
 
@@ -102,7 +105,13 @@ class RateLimiter:
     gives back the slot and takes no token.
     """
 
-    def __init__(self, requests_per_minute: float, *, max_in_flight: int) -> None:
+    def __init__(self, requests_per_minute: float, *, max_in_flight: int,
+                 shared: SharedBudget | None = None) -> None:
+        # With `shared` (daemon.budget), tokens come from the key's bucket in PostgreSQL, so
+        # every instance using the key spends one budget; without, from this process's clock.
+        self._shared = shared
+        self._reserved: collections.deque[float] = collections.deque()
+        self._report = [0, 0, 0.0]  # slowdowns, successes, Retry-After since the last batch
         self._configured = _check_rate(requests_per_minute)
         self._effective = self._configured
         self._slots = trio.CapacityLimiter(_check_cap(max_in_flight))
@@ -159,6 +168,8 @@ class RateLimiter:
     async def _take_token(self) -> Grant:
         async with self._turn:
             while True:
+                if self._shared is not None and not self._reserved:
+                    await self._reserve()
                 now = trio.current_time()
                 due = self._token_due()
                 if due <= now:
@@ -166,12 +177,30 @@ class RateLimiter:
                 changed = self._changed
                 with trio.move_on_at(due):
                     await changed.wait()
+            if self._reserved:
+                self._reserved.popleft()
             self._last_grant = now
             self._granted += 1
             return Grant(self._granted, now)
 
+    async def _reserve(self) -> None:
+        """Take the next batch of send times from the shared bucket (daemon.budget)."""
+        assert self._shared is not None
+        configured = self._configured or UNLIMITED_CEILING_PER_MINUTE
+        slowdowns, successes, retry_after = self._report
+        self._report = [0, 0, 0.0]
+        reservation = await self._shared.reserve(
+            self._shared.batch(self._effective or configured, self._waiting),
+            configured_per_minute=configured, slowdowns=int(slowdowns),
+            successes=int(successes), retry_after=float(retry_after))
+        if self._configured > 0:
+            self._effective = reservation.effective_per_minute
+        self._reserved.extend(reservation.times())
+
     def _token_due(self) -> float:
         due = self._paused_until
+        if self._reserved:  # the shared bucket decided the spacing
+            return max(due, self._reserved[0])
         rate = self._effective if self._effective > 0 else UNLIMITED_CEILING_PER_MINUTE
         return max(due, self._last_grant + 60.0 / rate)
 
@@ -193,8 +222,11 @@ class RateLimiter:
         if self._configured > 0 and not self._is_echo(grant):
             self._effective = max(self._effective * SLOWDOWN, self._configured * FLOOR)
             self._slowed_after = self._granted
+            self._report[0] += 1
+            self._reserved.clear()  # reserved under the old rate: the next batch is slower
         if retry_after is not None and retry_after > 0:
             self._paused_until = max(self._paused_until, now + retry_after)
+            self._report[2] = max(float(self._report[2]), retry_after)
 
     def on_success(self, *, grant: Grant | None = None) -> None:
         """Record an accepted request: give back RECOVERY x the configured rate, up to it.
@@ -207,6 +239,7 @@ class RateLimiter:
         if self._is_echo(grant):
             return
         self._effective = min(self._configured, self._effective + RECOVERY * self._configured)
+        self._report[1] += 1
         self._notify()
 
     def _is_echo(self, grant: Grant | None) -> bool:

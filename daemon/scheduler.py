@@ -55,7 +55,8 @@ from .cycles import (
 )
 from .db import SeriesState
 from .errors import ApiError, ApiKeyRefused, DatabaseError, NotEntitled
-from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
+from .jobs import FetchResult, JobOutcome, Lease, Receipt, SeriesKey
+from .leases import Coordinator
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow, Prune
 from .planning import FetchRange, plan_series, split_range
 from .polygon import ClientStatistics, Page
@@ -101,6 +102,7 @@ class Job:
     ranges: tuple[FetchRange, ...]
     # The series was refused (not entitled) less than a day ago: no request this cycle.
     refused: str | None = None
+    lease: Lease | None = None  # with scale-out: this instance's lease on the series
 
     @property
     def from_ms(self) -> int:
@@ -198,11 +200,19 @@ class Scheduler:
         series_state: Callable[[str], Awaitable[dict[tuple[str, str], SeriesState]]],
         today: Callable[[], dt.date] | None = None,
         splits_checked: Callable[[], Awaitable[dt.date | None]] | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self._config = config
         self._client = client
         self._send = send
         self._series_state = series_state
+        # Scale-out (daemon.leases): a series is worked on only under this instance's lease.
+        self._coordinator = coordinator
+        self._once = False
+        # Symbols whose series another live instance holds, to look at again (run --once must
+        # see every series done by someone): symbol -> (trio time, timeframes).
+        self._later: dict[str, tuple[float, frozenset[str]]] = {}
+        self._look_again: dict[str, frozenset[str]] = {}  # moved from _later to the queue
         # Reads up to which day splits were checked; None: no split checks (tests, tools).
         self._splits_checked = splits_checked
         self._last_splits_check = -float("inf")  # trio time
@@ -315,6 +325,7 @@ class Scheduler:
         """Run cycles until stopped (or one cycle with `once`); close the writer's channel.
 
         Returns the last finished cycle (None if none finished)."""
+        self._once = once
         async with self._send:
             trigger = "start"
             started = trio.current_time()
@@ -424,8 +435,10 @@ class Scheduler:
         self._pending = collections.deque(symbols)
         logger.info("cycle {} ({}): {} symbols x {} timeframes", cycle.number, trigger,
                     len(symbols), len(self._config.backfill.timeframes))
+        instance_id = None if self._coordinator is None else self._coordinator.identity.id
         await self._send.send(ExecutionStarted(cycle.execution_id, self._config.instance,
-                                               cycle.number, trigger, cycle.started_wall))
+                                               cycle.number, trigger, cycle.started_wall,
+                                               instance_id))
         if only is None:
             await self._check_splits()
         if cycle.started_wall - self._last_prune >= PRUNE_EVERY_SECONDS:
@@ -486,13 +499,21 @@ class Scheduler:
         return cycle.snapshot(cycle.counters_at_end)
 
     async def _run_symbols(self, cycle: _Cycle) -> None:
+        self._later, self._look_again = {}, {}
         async with trio.open_nursery() as nursery:
             while not self._stopping:
                 if not self._pending:
-                    if self._running == 0:
+                    if self._running == 0 and not self._later:
                         break
-                    await self._changed.wait()
-                    self._changed = trio.Event()
+                    # wait for a running symbol, or for one held elsewhere to look at again
+                    with trio.move_on_at(min((t for t, _ in self._later.values()),
+                                             default=float("inf"))):
+                        await self._changed.wait()
+                        self._changed = trio.Event()
+                    now = trio.current_time()
+                    for symbol in [s for s, (t, _) in self._later.items() if t <= now]:
+                        self._look_again[symbol] = self._later.pop(symbol)[1]
+                        self._pending.append(symbol)
                     continue
                 symbol = self._pending.popleft()
                 if symbol not in self._config.backfill.symbols:
@@ -517,6 +538,8 @@ class Scheduler:
             outcomes = [j.outcome for j in cycle.jobs if j.series.symbol == symbol]
             good = all(o in (JobOutcome.OK, JobOutcome.CANCELLED) for o in outcomes)
             cycle.symbols[symbol] = SymbolState.DONE if good else SymbolState.FAILED
+            if symbol in self._later:  # series held by another instance: looked at again
+                cycle.symbols[symbol] = SymbolState.QUEUED
         finally:
             self._symbol_limiter.release_on_behalf_of(symbol)
             self._running -= 1
@@ -528,7 +551,33 @@ class Scheduler:
             self._changed.set()
 
     async def _plan_symbol(self, cycle: _Cycle, symbol: str) -> list[Job]:
-        """Plan the symbol's jobs from its current coverage (read just before it starts)."""
+        """Plan the symbol's jobs from its current coverage (read just before it starts, and
+        after the claim of its leases, with scale-out)."""
+        labels = [tf.label for tf in self._config.backfill.timeframes
+                  if (cycle.only is None or SeriesKey(symbol, tf.label) in cycle.only)]
+        again = self._look_again.pop(symbol, None)
+        if again is not None:
+            labels = [label for label in labels if label in again]
+        leases: dict[str, Lease] | None = None
+        if self._coordinator is not None:
+            try:
+                claim = await self._coordinator.claim(symbol, labels,
+                                                      due_before=self._due_before(cycle))
+            except DatabaseError as exc:
+                cycle.jobs.append(_JobRun(SeriesKey(symbol, "*"), 0, 0,
+                                          Receipt(execution_id=cycle.execution_id),
+                                          error=str(exc), local_outcome=JobOutcome.FAILED))
+                return []
+            leases = claim.granted
+            if claim.held_elsewhere and self._once:
+                # run --once: wait for the other instance to finish them (or for its lease to
+                # lapse, when it died); meanwhile the cycle goes on with other symbols
+                self._later[symbol] = (trio.current_time() + self._coordinator.lease_seconds
+                                       / 6, claim.held_elsewhere)
+            if claim.done_elsewhere or claim.held_elsewhere:
+                logger.bind(symbol=symbol, timeframe="*").debug(
+                    "leases: {} taken, {} done by another instance, {} held by another",
+                    len(leases), len(claim.done_elsewhere), len(claim.held_elsewhere))
         try:
             states = await self._series_state(symbol)
         except DatabaseError as exc:
@@ -542,19 +591,32 @@ class Scheduler:
         skip = {j.series for j in cycle.jobs if not j.done or j.outcome is JobOutcome.OK}
         jobs = []
         for tf in self._config.backfill.timeframes:
-            if SeriesKey(symbol, tf.label) in skip:
+            if tf.label not in labels or SeriesKey(symbol, tf.label) in skip:
                 continue
-            if cycle.only is not None and SeriesKey(symbol, tf.label) not in cycle.only:
-                continue
+            lease = None
+            if leases is not None:
+                lease = leases.get(tf.label)
+                if lease is None:
+                    continue  # another instance's (or done by one)
             state = states.get((symbol, tf.label)) or SeriesState()
             if (state.refused_at is not None
                     and wall_clock() - state.refused_at < REFUSAL_RETRY_SECONDS):
-                jobs.append(Job(symbol, tf, (), refused=state.refused_reason or "not entitled"))
+                jobs.append(Job(symbol, tf, (), refused=state.refused_reason or "not entitled",
+                                lease=lease))
                 continue
             ranges = plan_series(self._config, symbol, tf, state.covered, today)
-            if ranges:
-                jobs.append(Job(symbol, tf, tuple(ranges)))
+            if ranges or lease is not None:  # a lease is given back by its job, even empty
+                jobs.append(Job(symbol, tf, tuple(ranges), lease=lease))
         return jobs
+
+    def _due_before(self, cycle: _Cycle) -> float:
+        """A series another instance brought up to date since this instant needs nothing from
+        us: since this cycle began (`run --once`, a start, a wake: every series must be done
+        once now), or, for a scheduled cycle, within the last half refresh interval (the
+        instances' cycles take turns)."""
+        if self._once or cycle.trigger != "schedule":
+            return cycle.started_wall  # a start, a wake, a retry: do what is asked now
+        return cycle.started_wall - self._config.backfill.refresh_minutes * 30
 
     def _wanted(self, job: Job) -> bool:
         bf = self._config.backfill
@@ -568,6 +630,8 @@ class Scheduler:
         async with self._send.clone() as send:
             if cycle.auth_error is not None:
                 run.error = cycle.auth_error
+            elif not job.ranges and job.refused is None:
+                pass  # a claimed series with nothing to fetch: its lease goes back, up to date
             elif job.refused is not None:
                 run.refused, run.asked = job.refused, False
                 log.info("not entitled (asked again once a day): {}", job.refused)
@@ -584,7 +648,8 @@ class Scheduler:
                             for fetch in job.ranges[1:]:
                                 walkers.start_soon(self._walk_range, cycle, job, run, fetch,
                                                    send, walkers)
-            await send.send(JobFinished(run.series, run.fetch_result(), run.receipt))
+            await send.send(JobFinished(run.series, run.fetch_result(), run.receipt,
+                                        job.lease))
         await run.receipt.finished.wait()
         if run.outcome is JobOutcome.OK:
             log.info("job done: {} bars in {} pages", run.receipt.bars_written,
@@ -630,13 +695,17 @@ class Scheduler:
                     message = None
                     if page.bars or held or hi > page_from:
                         rows = page.rows or encode_copy_rows(page.bars)[0]
-                        message = PageWrite(run.series, rows, (page_from, hi), run.receipt, held)
+                        message = PageWrite(run.series, rows, (page_from, hi), run.receipt, held,
+                                            job.lease)
                     del page  # its bars as objects: only the encoded rows wait in the queue
                     if message is not None:
                         await send.send(message)
                         del message
                     page_from = max(page_from, hi)
                     if last or run.receipt.write_error is not None:
+                        break
+                    if run.receipt.lease_lost:
+                        log.warning("lease lost: another instance took the series over")
                         break
                     if (self._stopping or not self._wanted(job) or run.error is not None
                             or run.refused is not None):

@@ -20,6 +20,7 @@ from .breaker import BreakerStatistics
 from .config import Config
 from .cycles import SchedulerStatistics
 from .features import FeaturesStatistics
+from .leases import CoordinatorStatistics
 from .polygon import ClientStatistics
 from .ratelimit import RateLimiterStatistics
 from .writer import WriterStatistics
@@ -52,6 +53,7 @@ class Snapshot:
     breaker: BreakerStatistics
     writer: WriterStatistics
     features: FeaturesStatistics
+    instances: CoordinatorStatistics
     scheduler: SchedulerStatistics
 
     @property

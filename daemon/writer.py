@@ -46,7 +46,7 @@ from tenacity import RetryCallState
 from . import db, features, monitoring
 from .bars import CopyRows, Quarantined
 from .errors import DatabaseUnavailable, redact
-from .jobs import FetchResult, JobOutcome, Receipt, SeriesKey
+from .jobs import FetchResult, JobOutcome, Lease, Receipt, SeriesKey
 from .monitoring import ExecutionFinished, ExecutionStarted, JobRow, Prune
 from .retrying import DB_MAX_SECONDS, DB_MIN_SECONDS, Backoff, retrying
 from .spans import Span
@@ -156,6 +156,7 @@ class PageWrite:
             (or in no answer at all). It joins the series' coverage in the page's transaction.
         receipt: The job's receipt, where the writer reports the commit.
         quarantined: The page's bad bars, each with the span it holds out of coverage.
+        lease: The series' lease (daemon.leases); the page is written only while it holds.
     """
 
     series: SeriesKey
@@ -163,6 +164,7 @@ class PageWrite:
     span: Span
     receipt: Receipt
     quarantined: tuple[QuarantinedSpan, ...] = ()
+    lease: Lease | None = None  # checked in the page's transaction (None: no scale-out)
 
 
 @attrs.frozen
@@ -181,6 +183,7 @@ class JobFinished:
     series: SeriesKey
     fetch: FetchResult
     receipt: Receipt
+    lease: Lease | None = None  # released in the job's transaction
 
 
 Message = (PageWrite | JobFinished | ExecutionStarted | ExecutionFinished | Prune
@@ -207,6 +210,7 @@ class WriterStatistics:
     write_seconds_sum: float = 0.0
     plain_pages: int = 0  # pages inserted plainly (no bar of the series in their span yet)
     splits_applied: int = 0  # splits that rescaled (and sent for re-fetching) stored history
+    lease_refusals: int = 0  # pages not written: their lease had gone to another instance
 
 
 def open_writer_channel(
@@ -220,6 +224,27 @@ class _Rejected(Exception):
     """The database (or the COPY encoder) refused a message for its content: permanent."""
 
 
+class _LeaseLost(Exception):
+    """The page's lease is not this instance's any more: another one took the series over."""
+
+
+# Fencing: the page commits only while its (holder, fence) still holds the series' lease; the
+# row lock makes a takeover wait for this transaction, or this transaction see the takeover.
+_FENCE = """
+SELECT 1 FROM series_leases WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s
+  AND holder = %(holder)s AND fence = %(fence)s FOR SHARE
+"""
+# The job's last transaction gives the lease back (if still its own), saying whether the
+# series ended up to date.
+_RELEASE = """
+UPDATE series_leases SET holder = NULL, expires_at = NULL,
+    done_at = CASE WHEN %(done)s THEN now() ELSE done_at END,
+    done_by = CASE WHEN %(done)s THEN %(holder)s ELSE done_by END
+WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s AND holder = %(holder)s
+  AND fence = %(fence)s
+"""
+
+
 class Writer:
     """Owns the one writing connection; `run` consumes the channel until every sender closes.
 
@@ -228,6 +253,8 @@ class Writer:
         receive: The channel's receiving end.
         on_commit: Called (on the trio thread) after each committed page: the composition root
             wires listeners here (the features task's wake-up).
+        instance_id: This process's id (daemon.leases), recorded with each job's result.
+        on_release: Called with a series once its job's lease release is committed.
     """
 
     def __init__(
@@ -236,10 +263,15 @@ class Writer:
         receive: trio.MemoryReceiveChannel[Message],
         *,
         on_commit: Callable[[], None] | None = None,
+        instance_id: str | None = None,
+        on_release: Callable[[SeriesKey], None] | None = None,
     ) -> None:
         self._url = url
         self._receive = receive
         self._on_commit = on_commit
+        self._instance_id = instance_id
+        self._on_release = on_release
+        self._lease_refusals = 0
         self._conn: psycopg.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
         self._partitions: set[int] = set()
@@ -279,6 +311,7 @@ class Writer:
             write_seconds_sum=self._seconds_sum,
             plain_pages=self._plain_pages,
             splits_applied=self._splits_applied,
+            lease_refusals=self._lease_refusals,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -298,16 +331,26 @@ class Writer:
     # --- one message -----------------------------------------------------------------------
 
     async def _handle(self, message: Message) -> None:
-        if isinstance(message, PageWrite) and message.receipt.write_error is not None:
+        if isinstance(message, PageWrite) and (message.receipt.write_error is not None
+                                               or message.receipt.lease_lost):
             return  # a page after a rejected one: writing it would leave a hole behind it
         outcome = None
         if isinstance(message, JobFinished):
-            outcome = message.fetch.outcome(message.receipt.write_error)
+            outcome = message.fetch.outcome(message.receipt.write_error,
+                                            lease_lost=message.receipt.lease_lost)
         self._busy_since = trio.current_time()
         try:
             seconds = await self._retrying(self._transaction, message, outcome)
         except _Rejected as exc:
             self._reject(message, str(exc))
+            return
+        except _LeaseLost as exc:
+            assert isinstance(message, PageWrite)
+            message.receipt.lease_lost = True
+            self._lease_refusals += 1
+            logger.bind(symbol=message.series.symbol, timeframe=message.series.timeframe
+                        ).warning("{}: another instance took the series over; this page and "
+                                  "the job's later ones are not written", exc)
             return
         finally:
             self._busy_since = None
@@ -355,6 +398,8 @@ class Writer:
             # The connection broke or the server is going away: retry the whole message.
             self._close()
             raise DatabaseUnavailable(redact(str(exc)).strip()) from None
+        except _LeaseLost:
+            raise
         except (psycopg.Error, OverflowError, ValueError, TypeError) as exc:
             what = "page" if isinstance(message, PageWrite) else type(message).__name__
             raise _Rejected(f"database rejected the {what}: {redact(str(exc)).strip()}") from None
@@ -366,7 +411,12 @@ class Writer:
         elif isinstance(message, JobFinished):
             assert outcome is not None
             monitoring.record_job(cur, self._job_row(message, outcome),
-                                  message.receipt.execution_id)
+                                  message.receipt.execution_id, self._instance_id)
+            if message.lease is not None:
+                cur.execute(_RELEASE, {
+                    "symbol": message.series.symbol, "timeframe": message.series.timeframe,
+                    "holder": message.lease.holder, "fence": message.lease.fence,
+                    "done": outcome in (JobOutcome.OK, JobOutcome.NOT_ENTITLED)})
         elif isinstance(message, ExecutionStarted):
             monitoring.record_execution_started(cur, message)
         elif isinstance(message, Prune):
@@ -379,6 +429,11 @@ class Writer:
     def _apply_page(self, cur: psycopg.Cursor, page: PageWrite) -> None:
         rows = page.rows
         key = {"symbol": page.series.symbol, "timeframe": page.series.timeframe}
+        if page.lease is not None:
+            held = cur.execute(_FENCE, {**key, "holder": page.lease.holder,
+                                        "fence": page.lease.fence}).fetchone()
+            if held is None:
+                raise _LeaseLost(f"{page.series}: the lease is lost (fence {page.lease.fence})")
         if rows.count:
             first, last = rows.first_t, rows.last_t
             for year in _years(first, last):
@@ -447,6 +502,8 @@ class Writer:
             self._finish(message.receipt, JobOutcome.OK)
         elif isinstance(message, JobFinished):
             message.receipt.db_seconds += seconds
+            if message.lease is not None and self._on_release is not None:
+                self._on_release(message.series)
             if outcome is JobOutcome.FAILED:
                 error = message.receipt.write_error or message.fetch.error
                 self._note_error(f"{message.series}: {error}")

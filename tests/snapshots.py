@@ -18,6 +18,7 @@ from daemon.cycles import (
 )
 from daemon.features import FeaturesStatistics
 from daemon.jobs import JobOutcome
+from daemon.leases import CoordinatorStatistics
 from daemon.polygon import ClientStatistics
 from daemon.ratelimit import RateLimiterStatistics
 from daemon.snapshot import ReloadStatistics, Snapshot
@@ -62,6 +63,7 @@ def snapshot(*, now: float = 200.0, config: Config = CONFIG, cycle: CycleSnapsho
         breaker=breaker or CircuitBreaker().statistics(),
         writer=attrs.evolve(writer_stats, **writer),
         features=FeaturesStatistics(True, 0, 0, 0, None, None, 0, 0, None, None),
+        instances=CoordinatorStatistics("host:1:abc", config.instance, 0, 0, 0, 0, None, ()),
         scheduler=SchedulerStatistics(state, cycle, last_cycle, next_cycle_at, {},
                                       len(config.backfill.timeframes), 3),
     )

@@ -36,6 +36,9 @@ cached database answers, passed in with the snapshot.
     backfilld_features_lag_seconds{timeframe}  worst span of bars without features
     backfilld_features_rows_written_total   feature rows written
     backfilld_features_passes_total / _errors_total / _pending / _latency_seconds
+    backfilld_instance{instance_id,label,host}  instances sharing the database (1 alive)
+    backfilld_instance_heartbeat_age_seconds{instance_id} / backfilld_instance_leases{...}
+    backfilld_lease_takeovers_total / backfilld_lease_refused_pages_total
     backfilld_database_ready                1 when the last readiness check passed
     backfilld_config_generation             bumps on each successful reload
     backfilld_start_time_seconds            process start (Unix seconds)
@@ -185,6 +188,26 @@ class _SnapshotCollector(Collector):
         if self._ready is not None:
             yield gauge("backfilld_database_ready", "1 when the last readiness check passed",
                         int(self._ready))
+        coord = snap.instances
+        info = GaugeMetricFamily("backfilld_instance", "Instances sharing the database (1: "
+                                 "alive, 0: stopped or silent)", labels=["instance_id", "label",
+                                                                        "host"])
+        beat = GaugeMetricFamily("backfilld_instance_heartbeat_age_seconds",
+                                 "Seconds since each instance's last heartbeat",
+                                 labels=["instance_id"])
+        held = GaugeMetricFamily("backfilld_instance_leases", "Series leases each instance "
+                                 "holds", labels=["instance_id"])
+        for inst in coord.instances:
+            info.add_metric([inst.id, inst.label, inst.host], int(inst.alive))
+            beat.add_metric([inst.id], max(0.0, snap.wall - inst.heartbeat_at))
+            held.add_metric([inst.id], inst.leases)
+        yield info
+        yield beat
+        yield held
+        yield counter("backfilld_lease_takeovers", "Leases this instance took over from a "
+                      "lapsed holder", coord.takeovers)
+        yield counter("backfilld_lease_refused_pages", "Pages not written: their lease had "
+                      "gone to another instance", snap.writer.lease_refusals)
         feats = snap.features
         yield counter("backfilld_features_rows_written", "Feature rows written",
                       feats.rows_written)

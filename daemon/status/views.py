@@ -75,6 +75,20 @@ def status_report(snap: Snapshot) -> dict[str, Any]:
             "busy_seconds": None if writer.busy_since is None else rounded(
                 snap.now - writer.busy_since),
         },
+        "instance_id": snap.instances.instance_id,
+        "instances": [
+            {"id": i.id, "label": i.label, "host": i.host, "pid": i.pid, "version": i.version,
+             "started_at": iso(i.started_at), "heartbeat_at": iso(i.heartbeat_at),
+             "heartbeat_age_seconds": rounded(snap.wall - i.heartbeat_at), "alive": i.alive,
+             "leases": i.leases, "this": i.id == snap.instances.instance_id}
+            for i in snap.instances.instances],
+        "leases": {
+            "held": snap.instances.leases_held,
+            "claimed": snap.instances.claims,
+            "taken_over": snap.instances.takeovers,
+            "renewals": snap.instances.renewals,
+            "refused_pages": snap.writer.lease_refusals,
+        },
         "features": {
             "connected": snap.features.connected,
             "passes": snap.features.runs,
