@@ -164,7 +164,8 @@ def build(
     send, receive = open_writer_channel(config.database.queue_pages)
     features_task = FeaturesTask(db_url)
     writer = Writer(db_url, receive, on_commit=features_task.notify, instance_id=identity.id,
-                    on_release=coordinator.released)
+                    on_release=coordinator.released,
+                    idle_transaction_seconds=coordinator.lease_seconds)
 
     async def read_series_state(symbol: str) -> dict[tuple[str, str], db.SeriesState]:
         return await when_available(db.read_series_state, db_url, symbol)

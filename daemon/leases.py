@@ -132,7 +132,7 @@ WITH free AS (
 UPDATE series_leases l SET holder = %(id)s, fence = l.fence + 1, acquired_at = now(),
        expires_at = now() + %(ttl)s * interval '1 second'
 FROM free WHERE l.symbol = free.symbol AND l.timeframe = free.timeframe
-RETURNING l.timeframe, l.fence, free.holder IS NOT NULL AND free.holder <> %(id)s
+RETURNING l.timeframe, l.fence, free.holder
 """
 _OTHERS = """
 SELECT timeframe, coalesce(done_at >= %(due_before)s AND done_by <> %(id)s, false)
@@ -294,9 +294,13 @@ class Coordinator:
         with conn.transaction():
             conn.execute(_ENSURE, params)
             granted = {}
-            for timeframe, fence, taken_over in conn.execute(_CLAIM, params).fetchall():
+            for timeframe, fence, before in conn.execute(_CLAIM, params).fetchall():
                 granted[timeframe] = Lease(self.identity.id, int(fence))
-                self._takeovers += bool(taken_over)
+                if before is not None and before != self.identity.id:
+                    self._takeovers += 1
+                    logger.bind(symbol=symbol, timeframe=timeframe).info(
+                        "{} {}: lease taken over from {} (it stopped renewing); resuming "
+                        "from the coverage", symbol, timeframe, before)
             others = conn.execute(_OTHERS, params).fetchall()
         done = frozenset(tf for tf, is_done in others if is_done and tf not in granted)
         held = frozenset(tf for tf in timeframes if tf not in granted and tf not in done)
@@ -307,6 +311,10 @@ class Coordinator:
     def _stop(self, conn: psycopg.Connection) -> None:
         conn.execute(_STOPPED, {"id": self.identity.id})
         self._held.clear()
+
+    def close(self) -> None:
+        """Close the connection a claim opened outside `run` (`run` closes its own)."""
+        self._close()
 
     def _close(self) -> None:
         if self._conn is not None:

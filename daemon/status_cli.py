@@ -262,9 +262,26 @@ def render(url: str, answers: dict[str, dict[str, Any]], *, show_all: bool = Fal
 
     if cycle:
         lines += ["", *_symbols_section(cycle)]
+    lines += _instances_section(st)
     lines += ["", *_staleness_section(answers["staleness"], show_all)]
     lines += ["", *_history_section(answers["history"])]
     return "\n".join(lines)
+
+
+def _instances_section(st: dict[str, Any]) -> list[str]:
+    """The daemons sharing the database (shown when there is more than this one)."""
+    instances = st.get("instances") or []
+    if len(instances) < 2:
+        return []
+    leases = st.get("leases") or {}
+    rows = [(("* " if i["this"] else "  ") + i["id"], i["label"],
+             "alive" if i["alive"] else "SILENT", human_age(i["heartbeat_age_seconds"]),
+             str(i["leases"]), _when(i["started_at"])) for i in instances]
+    return ["", f"Instances sharing the database ({sum(i['alive'] for i in instances)} alive; "
+                f"this one took {leases.get('taken_over', 0)} lease(s) over, "
+                f"{leases.get('refused_pages', 0)} page(s) refused by fencing):",
+            format_table(["instance", "label", "state", "heartbeat", "leases", "started"],
+                          rows)]
 
 
 def _symbols_section(cycle: dict[str, Any]) -> list[str]:

@@ -255,6 +255,9 @@ class Writer:
             wires listeners here (the features task's wake-up).
         instance_id: This process's id (daemon.leases), recorded with each job's result.
         on_release: Called with a series once its job's lease release is committed.
+        idle_transaction_seconds: The server ends this connection's transaction when the writer
+            sits inside one this long (a frozen process holding a lease row's lock would
+            otherwise keep every other instance from taking its series over).
     """
 
     def __init__(
@@ -265,12 +268,15 @@ class Writer:
         on_commit: Callable[[], None] | None = None,
         instance_id: str | None = None,
         on_release: Callable[[SeriesKey], None] | None = None,
+        idle_transaction_seconds: float | None = None,
     ) -> None:
         self._url = url
         self._receive = receive
         self._on_commit = on_commit
         self._instance_id = instance_id
         self._on_release = on_release
+        self._idle_ms = None if idle_transaction_seconds is None else max(
+            1, round(idle_transaction_seconds * 1000))
         self._lease_refusals = 0
         self._conn: psycopg.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
@@ -550,6 +556,8 @@ class Writer:
             return
         conn = db.connect(self._url)  # DatabaseUnavailable when the server is not there
         try:
+            if self._idle_ms is not None:
+                conn.execute(f"SET idle_in_transaction_session_timeout = {self._idle_ms:d}")
             conn.execute(_STAGE_DDL)
             conn.commit()
         except psycopg.Error as exc:

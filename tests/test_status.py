@@ -28,6 +28,7 @@ from daemon.monitoring import check_database
 from daemon.simulator.server import SimulatorOptions, serve_simulator
 from daemon.status import StatusOptions
 from daemon.status.cache import Cached, Outcome
+from daemon.leases import Coordinator, Identity
 from daemon.status_cli import run_status
 
 SYMBOLS = ["AAPL", "X:BTCUSD"]
@@ -49,7 +50,8 @@ class Running:
 
 async def start(nursery: trio.Nursery, database: str, *, api_key: str = "k",
                 extra: str = "", latency_ms: tuple[float, float] = (0, 0),
-                wait: bool = True, options: StatusOptions = FAST) -> Running:
+                wait: bool = True, options: StatusOptions = FAST,
+                lease_seconds: float = 30) -> Running:
     """Simulator + daemon (status on a free port); returns once the first cycle is done."""
     sim_port = await nursery.start(serve_simulator, SimulatorOptions(
         port=0, seed=5, api_key="k", latency_ms=latency_ms))
@@ -60,7 +62,7 @@ async def start(nursery: trio.Nursery, database: str, *, api_key: str = "k",
         "requests_per_minute = 0\npage_limit = 2000\n"
         f"[backfill]\nsymbols = [{symbols}]\ntimeframes = [{timeframes}]\nhistory_days = 20\n"
         "stagger_seconds = 0\n[status]\nlisten = \"127.0.0.1:0\"\n[daemon]\ninstance = \"t1\"\n"
-        + extra,
+        f"lease_seconds = {lease_seconds}\n" + extra,
         env={}, source="test.toml",
     )
     parts = build(config, database, status_options=options)
@@ -278,6 +280,31 @@ async def test_a_running_cycle_shows_its_progress(nursery: trio.Nursery, databas
         assert await trio.to_thread.run_sync(run_status, args, out) == 0
         assert "state: backfilling, cycle 1 (start)" in out.getvalue()
         assert "symbols in cycle 1:" in out.getvalue()
+
+
+async def test_status_shows_every_instance_sharing_the_database(nursery: trio.Nursery,
+                                                               database: str) -> None:
+    daemon = await start(nursery, database, lease_seconds=1.5)
+    other = Coordinator(database, Identity("box2:77:abc", "box2", "box2", 77))
+    await other.claim("ZZZ", ["1d"], due_before=0)
+    await nursery.start(other.run)
+    async with client(daemon) as http:
+        with trio.fail_after(10):
+            while len((st := (await http.get("/status")).json())["instances"]) < 2:
+                await trio.sleep(0.05)
+        metrics = (await http.get("/metrics")).text
+    mine = [i for i in st["instances"] if i["this"]]
+    assert [i["label"] for i in mine] == ["t1"] and mine[0]["id"] == st["instance_id"]
+    [theirs] = [i for i in st["instances"] if not i["this"]]
+    assert theirs["id"] == "box2:77:abc" and theirs["alive"] and theirs["leases"] == 1
+    assert 'backfilld_instance_leases{instance_id="box2:77:abc"} 1.0' in metrics
+    out = io.StringIO()
+    args = argparse.Namespace(url=f"http://127.0.0.1:{daemon.status_port}", config=None,
+                              default_config="none.toml", all=True, json=False, timeout=5.0)
+    assert await trio.to_thread.run_sync(run_status, args, out) == 0
+    text = out.getvalue()
+    assert "Instances sharing the database (2 alive" in text
+    assert "box2:77:abc" in text and "* " + st["instance_id"] in text
 
 
 # --- bad clients -----------------------------------------------------------------------------
