@@ -24,11 +24,11 @@ from daemon.app import serve
 from daemon.compose import Parts, build
 from daemon.config import parse_config
 from daemon.db import load_migrations
+from daemon.leases import Coordinator, Identity
 from daemon.monitoring import check_database
 from daemon.simulator.server import SimulatorOptions, serve_simulator
 from daemon.status import StatusOptions
 from daemon.status.cache import Cached, Outcome
-from daemon.leases import Coordinator, Identity
 from daemon.status_cli import run_status
 
 SYMBOLS = ["AAPL", "X:BTCUSD"]
@@ -290,7 +290,8 @@ async def test_status_shows_every_instance_sharing_the_database(nursery: trio.Nu
     await nursery.start(other.run)
     async with client(daemon) as http:
         with trio.fail_after(10):
-            while len((st := (await http.get("/status")).json())["instances"]) < 2:
+            # the daemon sees the other instance at its next heartbeat (every 0.5 s)
+            while len((st := (await http.get("/status")).json())["instances"]) < 2:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         metrics = (await http.get("/metrics")).text
     mine = [i for i in st["instances"] if i["this"]]
