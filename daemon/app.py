@@ -89,6 +89,7 @@ async def serve(
                 await root.start(parts.features.run)
                 # registered and heartbeating before the first claim; leases released on exit
                 await root.start(parts.coordinator.run)
+                await root.start(parts.loop_lag.run)
                 port = await root.start(
                     serve_status, parts.snapshot, parts.db_url, parts.config.status.host,
                     parts.config.status.port, parts.status_options)

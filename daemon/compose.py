@@ -28,6 +28,7 @@ from .config import Config
 from .features import FeaturesTask
 from .leases import Coordinator, Identity
 from .log import setup_logging
+from .looplag import LoopLag
 from .polygon import PolygonClient
 from .ratelimit import FLOOR, RECOVERY, SLOWDOWN, RateLimiter
 from .reload import Reloader
@@ -128,6 +129,7 @@ class Parts:
     features: FeaturesTask
     coordinator: Coordinator
     scheduler: Scheduler
+    loop_lag: LoopLag
     controls: Controls
     snapshot: SnapshotSource
     status_options: StatusOptions
@@ -188,6 +190,7 @@ def build(
         setup_logging(new.logging.level, new.logging.format)
 
     reloader = Reloader(config, config_path, apply)
+    loop_lag = LoopLag()
 
     def snapshot() -> Snapshot:
         return Snapshot(
@@ -203,6 +206,7 @@ def build(
             features=features_task.statistics(),
             instances=coordinator.statistics(),
             scheduler=scheduler.statistics(),
+            loop=loop_lag.statistics(),
         )
 
     controls = Controls(reloader=reloader, notifier=notifier, limiter=limiter,
@@ -211,6 +215,7 @@ def build(
                  limiter=limiter, budget=shared, breaker=breaker, client=client,
                  writer=writer,
                  features=features_task, coordinator=coordinator, scheduler=scheduler,
+                 loop_lag=loop_lag,
                  controls=controls,
                  snapshot=snapshot,
                  status_options=(status_options or StatusOptions()).with_access(config.status))

@@ -21,6 +21,7 @@ from .config import Config
 from .cycles import SchedulerStatistics
 from .features import FeaturesStatistics
 from .leases import CoordinatorStatistics
+from .looplag import LoopLagStatistics
 from .polygon import ClientStatistics
 from .ratelimit import RateLimiterStatistics
 from .writer import WriterStatistics
@@ -55,6 +56,7 @@ class Snapshot:
     features: FeaturesStatistics
     instances: CoordinatorStatistics
     scheduler: SchedulerStatistics
+    loop: LoopLagStatistics
 
     @property
     def config(self) -> Config:

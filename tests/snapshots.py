@@ -19,6 +19,7 @@ from daemon.cycles import (
 from daemon.features import FeaturesStatistics
 from daemon.jobs import JobOutcome
 from daemon.leases import CoordinatorStatistics
+from daemon.looplag import LoopLagStatistics
 from daemon.polygon import ClientStatistics
 from daemon.ratelimit import RateLimiterStatistics
 from daemon.snapshot import ReloadStatistics, Snapshot
@@ -66,4 +67,5 @@ def snapshot(*, now: float = 200.0, config: Config = CONFIG, cycle: CycleSnapsho
         instances=CoordinatorStatistics("host:1:abc", config.instance, 0, 0, 0, 0, None, ()),
         scheduler=SchedulerStatistics(state, cycle, last_cycle, next_cycle_at, {},
                                       len(config.backfill.timeframes), 3),
+        loop=LoopLagStatistics(0.001, 0.004, 10),
     )

@@ -299,6 +299,8 @@ async def test_status_shows_every_instance_sharing_the_database(nursery: trio.Nu
     [theirs] = [i for i in st["instances"] if not i["this"]]
     assert theirs["id"] == "box2:77:abc" and theirs["alive"] and theirs["leases"] == 1
     assert 'backfilld_instance_leases{instance_id="box2:77:abc"} 1.0' in metrics
+    assert st["event_loop"]["max_lag_seconds"] >= st["event_loop"]["lag_seconds"] >= 0
+    assert "backfilld_event_loop_lag_max_seconds " in metrics
     out = io.StringIO()
     args = argparse.Namespace(url=f"http://127.0.0.1:{daemon.status_port}", config=None,
                               default_config="none.toml", all=True, json=False, timeout=5.0)

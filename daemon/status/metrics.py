@@ -39,6 +39,7 @@ cached database answers, passed in with the snapshot.
     backfilld_instance{instance_id,label,host}  instances sharing the database (1 alive)
     backfilld_instance_heartbeat_age_seconds{instance_id} / backfilld_instance_leases{...}
     backfilld_lease_takeovers_total / backfilld_lease_refused_pages_total
+    backfilld_event_loop_lag_seconds / _max_seconds  how late the loop woke (last; worst of 60 s)
     backfilld_database_ready                1 when the last readiness check passed
     backfilld_config_generation             bumps on each successful reload
     backfilld_start_time_seconds            process start (Unix seconds)
@@ -129,6 +130,10 @@ class _SnapshotCollector(Collector):
         yield counter("backfilld_writer_reconnects", "Writer reconnections", writer.reconnects)
         yield counter("backfilld_splits_applied", "Splits that re-adjusted stored history",
                       writer.splits_applied)
+        yield gauge("backfilld_event_loop_lag_seconds", "How late the event loop woke from its "
+                    "last short sleep", snap.loop.last_seconds)
+        yield gauge("backfilld_event_loop_lag_max_seconds", "The event loop's worst lateness "
+                    "over the last minute", snap.loop.max_seconds)
         yield gauge("backfilld_writer_queue_depth", "Messages waiting for the writer",
                     writer.queue_depth)
         yield gauge("backfilld_writer_queue_capacity", "Size of the writer's queue",

@@ -89,6 +89,10 @@ def status_report(snap: Snapshot) -> dict[str, Any]:
             "renewals": snap.instances.renewals,
             "refused_pages": snap.writer.lease_refusals,
         },
+        "event_loop": {
+            "lag_seconds": rounded(snap.loop.last_seconds, 4),
+            "max_lag_seconds": rounded(snap.loop.max_seconds, 4),
+        },
         "features": {
             "connected": snap.features.connected,
             "passes": snap.features.runs,
