@@ -526,8 +526,8 @@ def _credential(env: Mapping[str, str], name: str) -> str:
 
 
 def _default_instance() -> str:
-    """The host name: stable across restarts, so a restart can close its predecessor's
-    unfinished executions. Two daemons on one host need `[daemon] instance` set apart."""
+    """The host name: a label for people (each process also gets a unique id, so several
+    daemons on one host need nothing set apart; see daemon.leases)."""
     return os.uname().nodename
 
 
