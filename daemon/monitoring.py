@@ -389,6 +389,27 @@ def read_readjusting(url: str, first_ms: int) -> dict[tuple[str, str], Readjusti
     return out
 
 
+@attrs.frozen
+class CoverageSummary:
+    """A series' coverage at a glance: the first and last covered instant (Unix ms, half-open
+    upper bound) and the holes between its spans."""
+
+    first_ms: int
+    end_ms: int
+    holes: int
+
+
+def read_coverage_summary(url: str) -> dict[tuple[str, str], CoverageSummary]:
+    """Every series' coverage bounds and hole count (from `coverage`, not a scan of `bars`)."""
+    with reader(url) as conn:
+        rows = conn.execute(
+            "SELECT symbol, timeframe, lower(covered), upper(covered),"
+            " (SELECT count(*) FROM unnest(covered)) - 1"
+            " FROM coverage WHERE NOT isempty(covered)").fetchall()
+    return {(s, tf): CoverageSummary(int(lo), int(hi), int(holes))
+            for s, tf, lo, hi, holes in rows}
+
+
 def _ms(value: dt.datetime | None) -> int | None:
     return None if value is None else to_ms(value)
 

@@ -125,6 +125,10 @@ async def test_every_endpoint_of_a_running_daemon(nursery: trio.Nursery, databas
         assert {s["class"] for s in stale["series"]} == {"fresh"}
         assert stale["counts"]["fresh"] == 4 and stale["thresholds_hours"]["fresh"] == 1.0
         assert all(s["last_bar"] and s["last_success"] for s in stale["series"])
+        # one span each, from the history's first day through the newest bar, no hole
+        for s in stale["series"]:
+            cov = s["coverage"]
+            assert cov["holes"] == 0 and cov["from"] <= s["last_bar"] < cov["to"], s
 
         hist = (await http.get("/api/v1/admin/scheduler/execution-history?limit=5")).json()
         assert hist["limit"] == 5 and len(hist["executions"]) == 1

@@ -207,3 +207,13 @@ async def test_a_new_split_rescales_history_in_one_transaction_and_uncovers_it(
         dirty = conn.execute("SELECT symbol, from_ts FROM features_dirty"
                              " WHERE symbol = 'NVDA'").fetchall()
     assert dirty == [("NVDA", db.from_ms(T0))]  # features from the first rescaled bar
+
+
+async def test_coverage_summary_counts_the_holes_between_spans(database: str) -> None:
+    from daemon.monitoring import CoverageSummary, read_coverage_summary
+    job = Job("HOLE", "1d", T0, T0 + 10 * DAY)
+    first = job.page([bar(T0)], span=(T0, T0 + 2 * DAY))
+    second = job.page([bar(T0 + 5 * DAY)], span=(T0 + 5 * DAY, T0 + 7 * DAY))
+    await write_all(database, [first, second, job.done()])
+    assert read_coverage_summary(database) == {
+        ("HOLE", "1d"): CoverageSummary(T0, T0 + 7 * DAY, 1)}

@@ -24,12 +24,20 @@ __all__ = ["SeriesCounts", "series_metrics", "staleness_report"]
 SeriesCounts = tuple[dict[tuple[str, str], int], dict[str, float], dict[str, float]]
 
 
+def _coverage(summary: monitoring.CoverageSummary | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    return {"from": iso_ms(summary.first_ms), "to": iso_ms(summary.end_ms),
+            "holes": summary.holes}
+
+
 def staleness_report(url: str, config: Config, now_ms: int) -> dict[str, Any]:
     """Read freshness rows and classify every configured series (runs in a worker thread)."""
     rows = monitoring.read_freshness(url)
     lags = read_features_lag(url)
     first_ms = et_midnight_ms(config.backfill.first_day(et_date(now_ms)))
     readjusting = monitoring.read_readjusting(url, first_ms)
+    coverage = monitoring.read_coverage_summary(url)
     thresholds = config.staleness
     series = []
     counts = dict.fromkeys(CLASSES, 0)
@@ -71,6 +79,7 @@ def staleness_report(url: str, config: Config, now_ms: int) -> dict[str, Any]:
                 "not_entitled": row.refused_reason if row and row.refused_ms else None,
                 "not_entitled_since": iso_ms(row.refused_ms if row else None),
                 "quarantined": row.quarantined if row else 0,
+                "coverage": _coverage(coverage.get((symbol, tf.label))),
                 "readjusting": (symbol, tf.label) in readjusting,
                 "readjusting_for": (readjusting[(symbol, tf.label)].split
                                     if (symbol, tf.label) in readjusting else None),
