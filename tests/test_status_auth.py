@@ -463,3 +463,19 @@ def test_status_cli_token_sources_without_a_daemon(tmp_path: Path) -> None:
         assert not bad or bad not in str(info.value)
     with pytest.raises(ConfigError, match=STATUS_TOKEN_ENV):
         resolve_target(status_args(url=url), env={STATUS_TOKEN_ENV: "two words"})
+
+
+async def test_the_dashboard_page_is_open_and_its_data_is_not(
+        nursery: trio.Nursery, database: str, tmp_path: Path) -> None:
+    _, port = await start(nursery, database, f'token_file = "{token_file(tmp_path)}"\n')
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+        for path in ("/", "/dashboard"):
+            page = await http.get(path)
+            assert page.status_code == 200 and page.headers["content-type"].startswith(
+                "text/html")
+            assert "connect-src 'self'" in page.headers["content-security-policy"]
+            assert b"Authorization" in page.content and TOKEN.encode() not in page.content
+        head = await http.head("/")
+        assert head.status_code == 200 and head.content == b""
+        assert (await http.get("/status")).status_code == 401
+        assert (await http.get("/status", headers=bearer(TOKEN))).status_code == 200

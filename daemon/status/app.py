@@ -1,5 +1,6 @@
 """Routing for the status endpoint: which path answers what, from a snapshot or the database.
 
+    GET /  (or /dashboard)                         the dashboard: one self-contained HTML page
     GET /healthz                                   200 while the event loop answers
     GET /readyz                                    200 database reachable and migrated, else 503
     GET /status                                    config, uptime, cycle progress, API, writer
@@ -9,7 +10,7 @@
     GET /api/v1/admin/scheduler/execution-history  ?limit=N recent executions, failed jobs
 
 An unknown path gets a JSON 404, another method than GET/HEAD a 405. With a token set
-(`StatusOptions.token`), every path but /healthz and /readyz first needs
+(`StatusOptions.token`), every path but /, /dashboard, /healthz and /readyz first needs
 `Authorization: Bearer <token>`, else 401 (daemon.status.auth), unknown paths included. The app
 sees the daemon only through `snapshot()` (daemon.snapshot) and the database URL.
 
@@ -39,6 +40,7 @@ from ..snapshot import SnapshotSource
 from ..staleness import CLASSES
 from .auth import OPEN_PATHS, BearerAuth, unauthorized
 from .cache import Cached, Outcome
+from .dashboard import dashboard_response
 from .health import scheduler_health
 from .metrics import CONTENT_TYPE, render
 from .reports import series_metrics, staleness_report
@@ -64,7 +66,8 @@ class StatusOptions:
         idle_timeout: A kept-alive connection may idle this long.
         cache_seconds: Database-backed answers are reused this long.
         db_timeout_seconds: A readiness check or query that takes longer is a 503.
-        token: When set, every path but /healthz and /readyz requires it as a bearer token.
+        token: When set, every path but the page, /healthz and /readyz requires it as a
+            bearer token.
         allow_unauthenticated: Serve a non-loopback address without a token anyway.
         max_connections: Connections served at once; one more is answered 503 (None: no cap).
     """
@@ -108,6 +111,8 @@ class StatusApp:
         self._staleness: Cached[dict[str, Any]] = Cached(ttl, self._read_staleness, nursery)
         self._history: dict[int, Cached[list[dict[str, Any]]]] = {}
         self._routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
+            "/": self.dashboard,
+            "/dashboard": self.dashboard,
             "/healthz": self.healthz,
             "/readyz": self.readyz,
             "/status": self.status,
@@ -160,6 +165,11 @@ class StatusApp:
                                      int(snap.wall * 1000))
 
     # --- endpoints -----------------------------------------------------------------------
+
+    async def dashboard(self, request: Request) -> Response:
+        """The page (daemon.status.dashboard): it holds no data, so it needs no token; its
+        script sends the token with every request it makes."""
+        return dashboard_response()
 
     async def healthz(self, request: Request) -> Response:
         snap = self._snapshot()

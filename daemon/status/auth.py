@@ -25,7 +25,7 @@ from ..httpserver import Response
 __all__ = ["OPEN_PATHS", "REALM", "BearerAuth", "unauthorized"]
 
 # Paths answered without a token (after the app's normalisation: no trailing slash).
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/", "/dashboard", "/healthz", "/readyz"})
 REALM = "backfilld"
 _CHALLENGE = f'Bearer realm="{REALM}"'
 
