@@ -90,6 +90,7 @@ class InstanceInfo:
     heartbeat_at: float
     alive: bool
     leases: int
+    stopped: bool = False  # it said goodbye (a clean stop), as opposed to going silent
 
 
 @attrs.frozen
@@ -147,7 +148,8 @@ UPDATE instances SET stopped_at = now(), heartbeat_at = now() WHERE id = %(id)s
 _INSTANCES = """
 SELECT i.id, i.label, i.host, i.pid, i.version, i.started_at, i.heartbeat_at,
        i.stopped_at IS NULL AND i.heartbeat_at > now() - %(dead)s * interval '1 second',
-       (SELECT count(*) FROM series_leases l WHERE l.holder = i.id AND l.expires_at > now())
+       (SELECT count(*) FROM series_leases l WHERE l.holder = i.id AND l.expires_at > now()),
+       i.stopped_at IS NOT NULL
 FROM instances i
 WHERE i.stopped_at IS NULL OR i.stopped_at > now() - interval '1 hour'
 ORDER BY i.started_at
@@ -284,8 +286,8 @@ class Coordinator:
         rows = conn.execute(_INSTANCES, {"dead": DEAD_AFTER_LEASES * self._ttl}).fetchall()
         self._instances = tuple(
             InstanceInfo(i, label, host, pid, version, started.timestamp(), beat.timestamp(),
-                         bool(alive), int(n))
-            for i, label, host, pid, version, started, beat, alive, n in rows)
+                         bool(alive), int(n), bool(stopped))
+            for i, label, host, pid, version, started, beat, alive, n, stopped in rows)
 
     def _claim(self, conn: psycopg.Connection, symbol: str, timeframes: list[str],
                due_before: float) -> Claim:

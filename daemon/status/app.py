@@ -188,7 +188,9 @@ class StatusApp:
         ready = await self._ready.get()
         staleness = await self._staleness.get()
         series = None if staleness.value is None else series_metrics(staleness.value)
-        body = render(self._snapshot(), database_ready=ready.error is None, series=series)
+        snap = self._snapshot()
+        health = scheduler_health(snap, ready.error)["status"]
+        body = render(snap, database_ready=ready.error is None, series=series, health=health)
         return Response(200, {"content-type": CONTENT_TYPE}, body)
 
     async def scheduler_health(self, request: Request) -> Response:

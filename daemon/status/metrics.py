@@ -40,6 +40,7 @@ cached database answers, passed in with the snapshot.
     backfilld_instance_heartbeat_age_seconds{instance_id} / backfilld_instance_leases{...}
     backfilld_lease_takeovers_total / backfilld_lease_refused_pages_total
     backfilld_event_loop_lag_seconds / _max_seconds  how late the loop woke (last; worst of 60 s)
+    backfilld_health{status}                1 for the current verdict: healthy/degraded/unhealthy
     backfilld_database_ready                1 when the last readiness check passed
     backfilld_config_generation             bumps on each successful reload
     backfilld_start_time_seconds            process start (Unix seconds)
@@ -70,20 +71,25 @@ __all__ = ["CONTENT_TYPE", "render"]
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def render(snap: Snapshot, *, database_ready: bool | None, series: SeriesCounts | None
-           ) -> bytes:
-    """The Prometheus text exposition of `snap` (plus readiness and per-timeframe freshness)."""
+HEALTH_STATES = ("healthy", "degraded", "unhealthy")
+
+
+def render(snap: Snapshot, *, database_ready: bool | None, series: SeriesCounts | None,
+           health: str | None = None) -> bytes:
+    """The Prometheus text exposition of `snap` (plus readiness, the health verdict and
+    per-timeframe freshness)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snap, database_ready, series))
+    registry.register(_SnapshotCollector(snap, database_ready, series, health))
     return generate_latest(registry)
 
 
 class _SnapshotCollector(Collector):
     def __init__(self, snap: Snapshot, database_ready: bool | None,
-                 series: SeriesCounts | None) -> None:
+                 series: SeriesCounts | None, health: str | None) -> None:
         self._snap = snap
         self._ready = database_ready
         self._series = series
+        self._health = health
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # unchecked collector: names are fixed, values read at collect time
@@ -190,6 +196,13 @@ class _SnapshotCollector(Collector):
             for timeframe, seconds in sorted(lags.items()):
                 lag.add_metric([timeframe], seconds)
             yield lag
+        if self._health is not None:
+            health = GaugeMetricFamily("backfilld_health", "1 for the scheduler's health now "
+                                       "(healthy, degraded or unhealthy; the reasons are on "
+                                       "/api/v1/admin/scheduler-health)", labels=["status"])
+            for verdict in HEALTH_STATES:
+                health.add_metric([verdict], int(verdict == self._health))
+            yield health
         if self._ready is not None:
             yield gauge("backfilld_database_ready", "1 when the last readiness check passed",
                         int(self._ready))
@@ -198,13 +211,14 @@ class _SnapshotCollector(Collector):
                                  "alive, 0: stopped or silent)", labels=["instance_id", "label",
                                                                         "host"])
         beat = GaugeMetricFamily("backfilld_instance_heartbeat_age_seconds",
-                                 "Seconds since each instance's last heartbeat",
-                                 labels=["instance_id"])
+                                 "Seconds since each running (not cleanly stopped) instance's "
+                                 "last heartbeat", labels=["instance_id"])
         held = GaugeMetricFamily("backfilld_instance_leases", "Series leases each instance "
                                  "holds", labels=["instance_id"])
         for inst in coord.instances:
             info.add_metric([inst.id, inst.label, inst.host], int(inst.alive))
-            beat.add_metric([inst.id], max(0.0, snap.wall - inst.heartbeat_at))
+            if not inst.stopped:
+                beat.add_metric([inst.id], max(0.0, snap.wall - inst.heartbeat_at))
             held.add_metric([inst.id], inst.leases)
         yield info
         yield beat
