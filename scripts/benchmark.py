@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,8 +65,7 @@ from daemon.embedded import embedded_postgres  # noqa: E402
 from daemon.jobs import FetchResult, JobOutcome, Receipt, SeriesKey  # noqa: E402
 from daemon.log import setup_logging  # noqa: E402
 from daemon.market_calendar import et_midnight_ms  # noqa: E402
-from daemon.planning import expected_aggregates  # noqa: E402
-from daemon.simulator.data import ground_truth  # noqa: E402
+from daemon.simulator.data import ground_truth, page_with_count  # noqa: E402
 from daemon.simulator.process import simulator_process  # noqa: E402
 from daemon.timeframes import parse_timeframe  # noqa: E402
 from daemon.writer import JobFinished, PageWrite, Writer, open_writer_channel  # noqa: E402
@@ -79,6 +79,7 @@ E2E_SYMBOLS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "TSLA", "JPM", "
 LAST_DAY = dt.date(2025, 12, 31)
 DEEP_PAGES = 36
 DEEP_LATENCY_MS = 400
+MAX_PAGE_LIMIT = 50_000  # the API's largest `limit`
 MIB = 1024 * 1024
 CYCLE_LINE = re.compile(r"cycle 1 finished in ([\d.]+) s: (\d+) jobs, (\d+) failed, (\d+) bars")
 REBUILD_LINE = re.compile(r"features rebuilt: ([\d,]+) series, ([\d,]+) rows in ([\d.]+) s")
@@ -180,9 +181,16 @@ class Child:
         self.ended: float | None = None
         self.returncode: int | None = None
         self.maxrss_bytes = 0
+        self.killed = False
 
     def reap(self, timeout: float = RUN_TIMEOUT) -> Child:
-        killer = threading.Timer(timeout, self.proc.kill)
+        """Wait for the child (killed after `timeout` seconds: then `killed` is set)."""
+
+        def kill() -> None:
+            self.killed = True
+            self.proc.kill()
+
+        killer = threading.Timer(timeout, kill)
         killer.start()
         try:
             _, status, usage = os.wait4(self.proc.pid, 0)
@@ -203,10 +211,12 @@ class Child:
         return self.log.read_text(errors="replace") if self.log else ""
 
 
-def run_once(bench: Bench, config: Path, db_url: str, name: str) -> Child:
+def run_once(bench: Bench, config: Path, db_url: str, name: str, *,
+             timeout: float = RUN_TIMEOUT) -> Child:
+    """`run --once`; RuntimeError when it fails (a kill after `timeout` is returned, flagged)."""
     child = Child(["run", "--config", str(config), "--once"], daemon_env(db_url),
-                  bench.tmp / f"{name}.log").reap()
-    if child.returncode != 0:
+                  bench.tmp / f"{name}.log").reap(timeout)
+    if child.returncode != 0 and not child.killed:
         tail = child.output()[-1500:]
         raise RuntimeError(f"run --once ({name}) exited {child.returncode}:\n{tail}")
     return child
@@ -218,8 +228,24 @@ def cycle_line(child: Child) -> dict[str, float]:
     if match is None:
         return {}
     seconds, jobs, failed, bars = match.groups()
-    return {"cycle_seconds": float(seconds), "jobs": int(jobs), "failed": int(failed),
-            "bars_written": int(bars)}
+    stamps = [_clock(line) for line in child.output().splitlines()]
+    known = [t for t in stamps if t is not None]
+    ends = [_clock(line) for line in child.output().splitlines() if CYCLE_LINE.search(line)]
+    out = {"cycle_seconds": float(seconds), "jobs": int(jobs), "failed": int(failed),
+           "bars_written": int(bars)}
+    if known and ends and ends[0] is not None:
+        # from the cycle's end to the last log line: the features drain and the shutdown
+        out["after_cycle_s"] = round((known[-1] - ends[0]) % 86_400, 2)
+    return out
+
+
+def _clock(line: str) -> float | None:
+    """Seconds since midnight of a text log line's `HH:MM:SS.mmm` prefix."""
+    match = re.match(r"^(\d\d):(\d\d):(\d\d\.\d+) ", line)
+    if match is None:
+        return None
+    h, m, sec = match.groups()
+    return int(h) * 3600 + int(m) * 60 + float(sec)
 
 
 def aggs_requests(sim_url: str) -> int:
@@ -253,12 +279,17 @@ def years_before(last: dt.date, years: float) -> dt.date:
 
 def fig_deep(bench: Bench) -> dict[str, Any]:
     first = years_before(LAST_DAY, 8)
-    tf = parse_timeframe("5m")
-    aggregates = expected_aggregates("SPY", tf, et_midnight_ms(first),
-                                     et_midnight_ms(LAST_DAY + dt.timedelta(days=1)))
-    page_limit = math.ceil(aggregates / DEEP_PAGES)
+    # The base aggregates the simulator counts for the whole series (a 5m bar costs its session
+    # minutes): 36 pages would need a `limit` above the API's 50,000, so the largest is used.
+    _, _, aggregates = page_with_count(SEED, "SPY", parse_timeframe("5m"), et_midnight_ms(first),
+                                       et_midnight_ms(LAST_DAY + dt.timedelta(days=1)) - 1,
+                                       2**62)
+    wanted_limit = math.ceil(aggregates / DEEP_PAGES)
+    page_limit = min(MAX_PAGE_LIMIT, wanted_limit)
     walls: dict[int, float] = {}
     requests: dict[int, int] = {}
+    killed: dict[int, bool] = {}
+    cycles: dict[int, dict[str, float]] = {}
     configs: dict[str, str] = {}
     latency = f"{DEEP_LATENCY_MS}-{DEEP_LATENCY_MS}"
     with simulator_process(latency_ms=latency, seed=SEED,
@@ -271,19 +302,32 @@ def fig_deep(bench: Bench) -> dict[str, Any]:
             path, text = bench.config(f"deep-{ranges}", sim, body)
             configs[f"parallel_ranges = {ranges}"] = text
             before = aggs_requests(sim)
-            walls[ranges] = run_once(bench, path, url, f"deep-{ranges}").wall
+            # auto gets 10 x what the sequential walk took, then is killed (a lower bound)
+            limit = max(60.0, 10 * walls[1]) if ranges == 0 else RUN_TIMEOUT
+            child = run_once(bench, path, url, f"deep-{ranges}", timeout=limit)
+            walls[ranges], killed[ranges] = child.wall, child.killed
             requests[ranges] = aggs_requests(sim) - before
+            cycles[ranges] = cycle_line(child)
     return {
-        "rows": [row("deep series: wall auto / parallel_ranges=1", walls[0], walls[1],
+        "rows": [row("deep series: wall auto / parallel_ranges=1"
+                     + (" (auto KILLED at its timeout: a lower bound)" if killed[0] else ""),
+                     walls[0], walls[1],
                      unit="s", ref_label="sequential next_url walk", target=("<=", 0.40))],
         "command": "python -m daemon run --config C --once (twice: parallel_ranges 0, then 1)",
         "simulator": f"python -m daemon simulate --latency-ms {latency} (unlimited rate)",
         "config": configs,
         "details": {"series": f"SPY 5m {first} .. {LAST_DAY}", "page_limit": page_limit,
+                    "base_aggregates": aggregates,
+                    "page_limit_for_36_pages": wanted_limit,
+                    "page_limit_note": "" if wanted_limit <= MAX_PAGE_LIMIT else
+                    f"36 pages need limit {wanted_limit:,} > the API's {MAX_PAGE_LIMIT:,}: "
+                    "the maximum is used",
                     "expected_pages": math.ceil(aggregates / page_limit),
                     "requests_sequential": requests[1], "requests_auto": requests[0],
                     "wall_auto_s": round(walls[0], 2), "wall_sequential_s": round(walls[1], 2),
-                    "sequential_floor_s": round(requests[1] * DEEP_LATENCY_MS / 1000, 1)},
+                    "sequential_floor_s": round(requests[1] * DEEP_LATENCY_MS / 1000, 1),
+                    "auto_killed_at_timeout": killed[0], "cycle_auto": cycles[0],
+                    "cycle_sequential": cycles[1]},
     }
 
 
@@ -713,6 +757,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smaller universes and fewer rounds: a ~3-minute smoke run")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR",
+                        help="copy every child's log and config here (they are removed with "
+                             "the temporary directory otherwise)")
     parser.add_argument("--only", metavar="NAME[,NAME]",
                         help=f"run these figures only: {', '.join(FIGURES)}")
     args = parser.parse_args()
@@ -741,6 +788,10 @@ def main() -> int:
             fig["load_average_before"] = load
             figures[name] = fig
             print(json.dumps({name: fig}, default=str), file=sys.stderr, flush=True)
+        if args.keep_logs:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for path in [*Path(tmp).glob("*.log"), *Path(tmp).glob("*.toml")]:
+                shutil.copy(path, args.keep_logs / path.name)
     result["figures"] = figures
     result["load_average_at_end"] = load_average()
     result["total_seconds"] = round(time.perf_counter() - started, 1)
