@@ -278,13 +278,13 @@ def years_before(last: dt.date, years: float) -> dt.date:
 
 
 def fig_deep(bench: Bench) -> dict[str, Any]:
-    first = years_before(LAST_DAY, 8)
+    first = years_before(LAST_DAY, 2 if bench.quick else 8)
     # The base aggregates the simulator counts for the whole series (a 5m bar costs its session
     # minutes): 36 pages would need a `limit` above the API's 50,000, so the largest is used.
     _, _, aggregates = page_with_count(SEED, "SPY", parse_timeframe("5m"), et_midnight_ms(first),
                                        et_midnight_ms(LAST_DAY + dt.timedelta(days=1)) - 1,
                                        2**62)
-    wanted_limit = math.ceil(aggregates / DEEP_PAGES)
+    wanted_limit = math.ceil(aggregates / (9 if bench.quick else DEEP_PAGES))
     page_limit = min(MAX_PAGE_LIMIT, wanted_limit)
     walls: dict[int, float] = {}
     requests: dict[int, int] = {}
@@ -318,9 +318,10 @@ def fig_deep(bench: Bench) -> dict[str, Any]:
         "config": configs,
         "details": {"series": f"SPY 5m {first} .. {LAST_DAY}", "page_limit": page_limit,
                     "base_aggregates": aggregates,
-                    "page_limit_for_36_pages": wanted_limit,
+                    "page_limit_wanted": wanted_limit,
                     "page_limit_note": "" if wanted_limit <= MAX_PAGE_LIMIT else
-                    f"36 pages need limit {wanted_limit:,} > the API's {MAX_PAGE_LIMIT:,}: "
+                    f"{DEEP_PAGES} pages need limit {wanted_limit:,} > the API's "
+                    f"{MAX_PAGE_LIMIT:,}: "
                     "the maximum is used",
                     "expected_pages": math.ceil(aggregates / page_limit),
                     "requests_sequential": requests[1], "requests_auto": requests[0],
