@@ -2,14 +2,18 @@
 """Speed targets, measured: every figure beside its reference from the same run; asserts nothing.
 
     uv run python scripts/benchmark.py [--quick] [--json PATH] [--only NAME[,NAME]]
+                                       [--keep-logs DIR]
 
 One embedded PostgreSQL (in a temporary directory, removed afterwards) serves every figure; the
 daemon runs as `python -m daemon run --config C --once` (a child process, as systemd starts
 it) against the simulator (`python -m daemon simulate`, another child). Figures (`--only`
 names):
 
-  deep      one deep series (SPY 5m, 8 years, 36 pages, 400 ms a page): wall with automatic
-            parallel ranges / wall with parallel_ranges = 1 (the sequential next_url walk)
+  deep      one deep series (SPY 5m, 8 years, 400 ms a page, unlimited rate): wall with
+            automatic parallel ranges / wall with parallel_ranges = 1 (the sequential next_url
+            walk). 36 pages would need a `limit` of 53,627 (the simulator counts 1,930,555 base
+            minutes), above the API's 50,000: the largest is used, 39 pages. The auto run is
+            killed after 10 x the sequential wall (then its figure is a lower bound).
   e2e       12 symbols x 5m x 2 years (~1.1 M bars), no latency, unlimited rate: the daemon's
             bars/s (features always run: there is no switch) / a bare binary COPY of the same
             rows into a plain table with the same primary key
@@ -23,10 +27,12 @@ names):
             this shows the coordination overhead, not a speed-up)
   decode    decode + validate one 50,000-bar page; the writer's rows/s (new and conflicting)
 
-Prints a line of JSON per figure as it finishes, then a table (figure | measured | reference |
-ratio | target | met?) and the whole result as one JSON object (machine, conditions, figures,
-each with the command and config it used). Exit status 0 whatever the figures say; a figure
-that could not be measured is reported with its error and the others still run.
+On stderr: a line of JSON per figure as it finishes, then the table (figure | measured |
+reference | ratio | target | met?). On stdout (and in --json PATH): the whole result as one
+JSON object (machine, load averages, figures, each with the command and config it used).
+`--quick` (~3 minutes) shrinks every universe; its figures are for smoke, not for the README.
+Exit status 0 whatever the figures say; a figure that could not be measured is reported with
+its error and the others still run.
 """
 
 from __future__ import annotations
