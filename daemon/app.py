@@ -25,13 +25,15 @@ again on restart.
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 
 import trio
 from loguru import logger
 
-from . import monitoring, systemd
+from . import db, monitoring, systemd
 from .compose import Controls, Parts
+from .config import Config
 from .cycles import CycleSnapshot
 from .db import apply_migrations
 from .leases import reap_local
@@ -71,6 +73,8 @@ async def serve(
     controls = parts.controls
     try:
         await _migrate(parts)
+        await when_available(db.ensure_history_partitions, parts.db_url,
+                             *_history_years(parts.reloader.config))
         reaped = await when_available(reap_local, parts.db_url, parts.coordinator.identity.host)
         if reaped:
             logger.info("{} instance(s) of this host had died: their leases are free", reaped)
@@ -132,6 +136,13 @@ async def _migrate(parts: Parts) -> None:
         raise error
     if applied:
         logger.info("applied migrations: {}", ", ".join(applied))
+
+
+def _history_years(config: Config) -> tuple[int, int]:
+    """The UTC years the configured history spans, through this one."""
+    today = dt.datetime.now(dt.UTC).date()
+    bf = config.backfill
+    return bf.first_day(today).year, max(bf.last_day(today).year, today.year)
 
 
 def _ready(root: trio.Nursery, parts: Parts) -> None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,8 @@ __all__ = [
     "Migration",
     "apply_migrations",
     "connect",
+    "ensure_partitions",
+    "ensure_history_partitions",
     "from_ms",
     "load_migrations",
     "pending_migrations",
@@ -49,6 +52,14 @@ CONNECT_TIMEOUT_SECONDS = 10
 # Any constant will do; it only has to be the same for every backfilld instance.
 _MIGRATION_LOCK_KEY = 0x6261_636B_6669_6C6C  # "backfill"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+# Creating a partition locks its parent table ACCESS EXCLUSIVE. Queued behind a long reader (a
+# features computation reads `bars` for seconds), that request would stall every later reader
+# and writer of the table, the writer's page transactions and, through their lease row locks,
+# lease renewal. So each creation waits at most this long, in a transaction of its own, and
+# tries again after a pause in which the others go on.
+PARTITION_LOCK_TIMEOUT_MS = 200
+PARTITION_RETRY_MAX_SECONDS = 2.0
+_PARTITIONED = ("bars", "features")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MS = dt.timedelta(milliseconds=1)
 
@@ -179,6 +190,48 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
         except psycopg.Error as exc:
             raise DatabaseError(f"migration failed: {exc}") from None
     return done
+
+
+def ensure_partitions(conn: psycopg.Connection, table: str, years: Iterable[int]) -> None:
+    """The year partitions of `table` (bars or features) for `years`, each created in its own
+    short transaction that never queues long for the table's lock (see
+    PARTITION_LOCK_TIMEOUT_MS): a lock not granted in time is asked for again after a pause,
+    until it is. `conn` must have no transaction open.
+
+    Error handling: psycopg errors other than the lock timeout propagate (the caller's own
+    translation applies: the writer retries an unavailable database, rejects anything else).
+    """
+    if table not in _PARTITIONED:
+        raise ValueError(f"not a partitioned table: {table!r}")
+    for year in sorted(set(years)):
+        pause = 0.05
+        while True:
+            try:
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL lock_timeout = {PARTITION_LOCK_TIMEOUT_MS}")
+                    conn.execute(f"SELECT {table}_ensure_partition(%s)", (year,))
+                break
+            except psycopg.errors.LockNotAvailable:
+                time.sleep(pause)
+                pause = min(PARTITION_RETRY_MAX_SECONDS, pause * 2)
+
+
+def ensure_history_partitions(url: str, first_year: int, last_year: int) -> None:
+    """Both tables' partitions for every year of the configured history, created at start, so
+    that a backfill never creates one while features are being computed (a reload that moves
+    the history back, or a new year, creates its own as the writer meets it).
+
+    Error handling: DatabaseUnavailable when the server cannot be reached, DatabaseError for
+    anything else.
+    """
+    try:
+        with connection(url, autocommit=True) as conn:
+            for table in _PARTITIONED:
+                ensure_partitions(conn, table, range(first_year, last_year + 1))
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot create partitions: {exc}") from None
+    except psycopg.Error as exc:
+        raise DatabaseError(f"cannot create partitions: {exc}") from None
 
 
 @attrs.frozen

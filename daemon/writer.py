@@ -398,6 +398,13 @@ class Writer:
         assert conn is not None
         started = time.perf_counter()
         try:
+            if isinstance(message, PageWrite) and message.rows.count:
+                # Before the page's transaction, not in it: waiting there for the table's
+                # lock would hold the lease row (and so lease renewal) meanwhile.
+                years = set(_years(message.rows.first_t, message.rows.last_t))
+                if not years <= self._partitions:
+                    db.ensure_partitions(conn, "bars", years - self._partitions)
+                    self._partitions |= years
             with conn.transaction(), conn.cursor() as cur:
                 self._apply(cur, message, outcome)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -442,9 +449,6 @@ class Writer:
                 raise _LeaseLost(f"{page.series}: the lease is lost (fence {page.lease.fence})")
         if rows.count:
             first, last = rows.first_t, rows.last_t
-            for year in _years(first, last):
-                if year not in self._partitions:
-                    cur.execute("SELECT bars_ensure_partition(%s)", (year,))
             with cur.copy(_STAGE_COPY) as copy:
                 copy.write(_COPY_HEADER + rows.payload + _COPY_TRAILER)
             lo_ts, hi_ts = db.from_ms(min(first, last)), db.from_ms(max(first, last))
@@ -484,8 +488,6 @@ class Writer:
     def _committed(self, message: Message, seconds: float, outcome: JobOutcome | None) -> None:
         if isinstance(message, PageWrite):
             rows = message.rows
-            if rows.count:
-                self._partitions.update(_years(rows.first_t, rows.last_t))
             receipt = message.receipt
             receipt.bars_written += rows.count
             receipt.pages_written += 1

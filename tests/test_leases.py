@@ -17,7 +17,7 @@ from daemon.budget import SharedBudget, key_hash
 from daemon.config import Secret
 from daemon.jobs import JobOutcome, SeriesKey
 from daemon.leases import Coordinator, Identity, reap_local
-from daemon.writer import JobFinished, PageWrite
+from daemon.writer import JobFinished, PageWrite, Writer, open_writer_channel
 
 from .writing import Job, write_all
 
@@ -260,3 +260,55 @@ async def test_a_429_seen_by_one_instance_slows_all(database: str) -> None:
 
 def test_db_from_ms_round_trips_due_before() -> None:
     assert db.from_ms(T0).timestamp() * 1000 == T0
+
+
+async def test_a_long_reader_of_bars_never_holds_up_lease_renewal(
+        database: str, coordinator: Make) -> None:
+    """A page of a year with no partition yet, while a long transaction reads `bars` (a
+    features computation): creating the partition must wait for that reader, but the writer
+    waits outside its page transaction, so its lease row is not locked meanwhile and renewal
+    goes on; nor do other readers of `bars` queue behind its lock request for long."""
+    a = coordinator("a")
+    lease = (await a.claim("IBM", ["1d"], due_before=FAR_PAST)).granted["1d"]
+    y1990 = 631_152_000_000  # 1990-01-01: no partition for it
+    bars = [Bar(t=y1990 + i * DAY, o=1.0, h=2.0, l=0.5, c=1.5, v=10.0) for i in range(3)]
+    job = Job("IBM", "1d", y1990, y1990 + 3 * DAY)
+    page = job.page(bars)
+    reader = psycopg.connect(database)  # holds ACCESS SHARE on bars until it commits
+    reader.execute("SELECT count(*) FROM bars")
+
+    def waiting_for_the_partition() -> bool:
+        with psycopg.connect(database, autocommit=True) as conn:
+            return bool(conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                "'%bars_ensure_partition%' AND pid <> pg_backend_pid()").fetchone()[0])
+
+    def renew_and_read() -> None:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '3s'")  # far longer than the writer's own wait
+            conn.execute("UPDATE series_leases SET expires_at = now() + interval '30 s' "
+                         "WHERE holder = 'host:a'")
+            conn.execute("SELECT count(*) FROM bars")
+
+    send, receive = open_writer_channel(4)
+    writer = Writer(database, receive)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        async with send:
+            try:  # the reader ends here whatever happens: the writer's thread waits for it
+                await send.send(PageWrite(page.series, page.rows, page.span, page.receipt,
+                                          lease=lease))
+                with trio.fail_after(20):
+                    while not await trio.to_thread.run_sync(waiting_for_the_partition):  # noqa: ASYNC110 - polls the server
+                        await trio.sleep(0.02)
+                for _ in range(3):  # across the writer's waits and pauses
+                    await trio.to_thread.run_sync(renew_and_read)
+                    await trio.sleep(0.1)
+                assert writer.statistics().pages_written == 0  # still waiting for the reader
+                reader.commit()
+            finally:
+                reader.close()
+            await send.send(JobFinished(job.series, job.fetch, job.receipt, lease=lease))
+    assert job.receipt.outcome is JobOutcome.OK and job.receipt.bars_written == 3
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM bars_y1990").fetchone() == (3,)
