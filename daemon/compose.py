@@ -176,7 +176,9 @@ def build(
         return await when_available(read_checked_through, db_url)
 
     scheduler = Scheduler(config, client, send, series_state=read_series_state, today=today,
-                          splits_checked=read_splits_checked, coordinator=coordinator)
+                          splits_checked=read_splits_checked, coordinator=coordinator,
+                          defer_features=lambda series, deferred: features_task.defer(
+                              (series.symbol, series.timeframe), deferred))
 
     def apply(old: Config, new: Config) -> None:
         del old

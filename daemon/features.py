@@ -57,10 +57,11 @@ goes on. """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from contextlib import closing, contextmanager, suppress
 
 import attrs
@@ -271,26 +272,29 @@ SELECT
           AND ts < %(from)s ORDER BY ts DESC LIMIT {LOOKBACK_BARS}) AS lookback), %(from)s)
 """
 # From scratch, stored rows are overwritten where they differ; rows of bars that are gone (only
-# ever deleted by hand) go.
+# ever deleted by hand) go, chunk by chunk: bounded on ts, both sides are pruned to the chunk's
+# partitions and read in key order, however long the series.
 _DELETE_ORPHANS = """
 DELETE FROM features AS f
-WHERE f.symbol = %(symbol)s AND f.timeframe = %(timeframe)s AND NOT EXISTS (
-    SELECT FROM bars AS b WHERE b.symbol = f.symbol AND b.timeframe = f.timeframe AND b.ts = f.ts)
+WHERE f.symbol = %(symbol)s AND f.timeframe = %(timeframe)s
+  AND f.ts >= %(from)s AND f.ts < %(to)s AND NOT EXISTS (
+    SELECT FROM bars AS b WHERE b.symbol = %(symbol)s AND b.timeframe = %(timeframe)s
+      AND b.ts = f.ts AND b.ts >= %(from)s AND b.ts < %(to)s)
 """
 # Features are derived and their marker goes in the same transaction: a commit lost in a crash
 # is computed again, so it need not wait for the WAL flush (top-up latency).
 _RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
-# Every year of the series (two index probes; a year that has its partition costs a lookup):
-# a computation from a bar may turn into one from scratch. Partition years are UTC years.
-# Through the current year, not only the newest bar's: the writer may commit this year's
-# first bars between this statement and the computation.
-_ENSURE_PARTITIONS = """
-SELECT features_ensure_partition(y) FROM generate_series(
+# Every year of the series (two index probes): a computation from a bar may turn into one from
+# scratch. Partition years are UTC years. Through the current year, not only the newest bar's:
+# the writer may commit this year's first bars between this statement and the computation.
+_MISSING_PARTITIONS = """
+SELECT y FROM generate_series(
     (SELECT extract(year FROM min(ts) AT TIME ZONE 'UTC')::int FROM bars
      WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s),
     greatest((SELECT extract(year FROM max(ts) AT TIME ZONE 'UTC')::int FROM bars
               WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s),
              extract(year FROM now() AT TIME ZONE 'UTC')::int)) AS y
+WHERE to_regclass(format('features_y%%s', y)) IS NULL
 """
 _PROGRESS = """
 INSERT INTO features_progress AS p (symbol, timeframe, computed_through, computed_at)
@@ -350,14 +354,15 @@ def _recompute(cur: psycopg.Cursor, key: _Key, from_ms: int | None, chunk_bars: 
         logger.bind(symbol=key.symbol, timeframe=key.timeframe).info(
             "features before {} were never computed: computing from scratch", start)
         start = _BEGINNING
-    if start == _BEGINNING:
-        cur.execute(_DELETE_ORPHANS, key.params())
+    from_scratch = start == _BEGINNING
     written = 0
     while True:
         end, lookback = _timestamps(cur, _CHUNK, key.params(**{"from": start,
                                                                 "chunk": chunk_bars}))
         params = key.params(**{"from": start, "to": end or _END, "lookback": lookback,
                                "alpha": EMA_ALPHA, "fresh_after": newest or _BEGINNING})
+        if from_scratch and newest is not None:
+            cur.execute(_DELETE_ORPHANS, params)
         if newest is None or newest < start:
             cur.execute(_APPEND, params)
             written += cur.rowcount
@@ -381,11 +386,13 @@ def _timestamps(cur: psycopg.Cursor, query: str, params: dict[str, object]
 def _ensure_partitions(conn: psycopg.Connection, key: _Key) -> None:
     """The features partitions for the years of the series' bars.
 
-    In its own short transaction: creating a partition locks the whole `features` table, which
-    must not last as long as a computation.
+    Outside the computation's transaction: creating a partition locks the whole `features`
+    table, which must not last as long as a computation (db.ensure_partitions: one short
+    transaction per year, never queued long behind a reader).
     """
-    with conn.transaction():
-        conn.execute(_ENSURE_PARTITIONS, key.params())
+    missing = [int(y) for (y,) in conn.execute(_MISSING_PARTITIONS, key.params()).fetchall()]
+    if missing:
+        db.ensure_partitions(conn, "features", missing)
 
 
 @contextmanager
@@ -465,15 +472,17 @@ class FeaturesRun:
 
 def process_dirty(conn: psycopg.Connection, *, max_series: int | None = None,
                   should_stop: Callable[[], bool] | None = None,
-                  chunk_bars: int = CHUNK_BARS) -> FeaturesRun:
+                  chunk_bars: int = CHUNK_BARS,
+                  skip: Collection[tuple[str, str]] = ()) -> FeaturesRun:
     """Recompute every dirty series (the oldest marked first, at most `max_series`).
 
     Each series: claim its marker, recompute from the claimed instant in one transaction that
     also clears the marker, or only the claim if a page touched the series meanwhile (its
     generation changed). A series another process is computing (advisory lock held) is left
-    for a later pass. `should_stop` is asked between series; True ends the pass, and a query
-    cancelled by the caller (Connection.cancel_safe) while it is True ends it too, its claim
-    kept for the next pass.
+    for a later pass, and so is every (symbol, timeframe) in `skip` (FeaturesTask.defer).
+    `should_stop` is asked between series; True ends the pass, and a query cancelled by the
+    caller (Connection.cancel_safe) while it is True ends it too, its claim kept for the next
+    pass.
 
     `conn` must have no transaction open (autocommit, or idle).
 
@@ -488,7 +497,7 @@ def process_dirty(conn: psycopg.Connection, *, max_series: int | None = None,
     last_error: str | None = None
     try:
         keys = [_Key(s, tf) for s, tf in
-                conn.execute(_DIRTY_SERIES, (max_series,)).fetchall()]
+                conn.execute(_DIRTY_SERIES, (max_series,)).fetchall() if (s, tf) not in skip]
     except psycopg.Error as exc:
         raise _translate(exc, "reading features_dirty") from None
     for key in keys:
@@ -739,6 +748,13 @@ class FeaturesTask:
     process_dirty on its own connection in a worker thread (its own CapacityLimiter(1)). A pass
     also runs at start, for markers committed while the daemon was down.
 
+    `defer(series, True)` holds a series' computation back while its backfill commits ranges
+    out of order (the scheduler walks a deep series' sub-ranges at once): computed after each
+    page, every page of an early range would recompute the features of every later range
+    committed before it, quadratic in the series' length. Its markers still commit with its
+    pages, so what a crash interrupts is computed at the next start; `defer(series, False)`
+    computes it once, from the first bar those pages touched.
+
     `run_pass` replaces the database pass (connecting included) by any async function; it
     exists for timing tests under MockClock, where a worker thread would let the clock jump.
 
@@ -771,6 +787,20 @@ class FeaturesTask:
         self._last_latency: float | None = None
         self._last_error: tuple[float, str] | None = None
         self._passed = trio.Event()  # set (and replaced) after each pass
+        self._deferred: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._coalescing = trio.CancelScope()  # the wait for more commits, cut short by
+        self._hurry = False  # wait_caught_up
+
+    def defer(self, series: tuple[str, str], deferred: bool) -> None:
+        """Hold back (True) or release (False) the computation of one (symbol, timeframe);
+        holds nest. Call from trio."""
+        if deferred:
+            self._deferred[series] += 1
+            return
+        self._deferred[series] -= 1
+        if self._deferred[series] <= 0:
+            del self._deferred[series]
+            self.notify()
 
     def notify(self) -> None:
         """Bars were committed: compute their features soon. Call from trio."""
@@ -781,8 +811,11 @@ class FeaturesTask:
 
     async def wait_caught_up(self) -> None:
         """Wait until a finished pass has served every notify so far (`run --once` exits with
-        features as fresh as its bars)."""
+        features as fresh as its bars); no more commits are coming to coalesce with, so a
+        pass waiting out `coalesce_seconds` starts now."""
         while self._pending:
+            self._hurry = True
+            self._coalescing.cancel()
             await self._passed.wait()
 
     def statistics(self) -> FeaturesStatistics:
@@ -819,8 +852,10 @@ class FeaturesTask:
         with trio.move_on_after(self._poll_seconds):
             await self._wake.wait()
             notified = True
-        if notified:
-            await trio.sleep(self._coalesce_seconds)
+        if notified and not self._hurry:
+            with self._coalescing:
+                await trio.sleep(self._coalesce_seconds)
+            self._coalescing = trio.CancelScope()
 
     async def _serve_pass(self) -> None:
         # No checkpoint between here and the pass's start: every notify before this line is
@@ -864,12 +899,13 @@ class FeaturesTask:
         """process_dirty in a worker thread, the database's outages waited out, beside a
         watcher that stops it if the task is cancelled meanwhile."""
         stop = threading.Event()
+        skip = frozenset(self._deferred)
         failure: DatabaseError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_pass_when_cancelled, stop, nursery.cancel_scope)
             try:
-                result = await when_available(self._pass_in_thread, stop,
-                                                     limiter=self._limiter)
+                result = await when_available(self._pass_in_thread, stop, skip,
+                                              limiter=self._limiter)
             except DatabaseError as exc:  # raised past the nursery, not as an ExceptionGroup
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -897,12 +933,13 @@ class FeaturesTask:
         with suppress(psycopg.Error):
             conn.cancel_safe(timeout=_CANCEL_TIMEOUT_SECONDS)
 
-    def _pass_in_thread(self, stop: threading.Event) -> FeaturesRun:
+    def _pass_in_thread(self, stop: threading.Event,
+                        skip: frozenset[tuple[str, str]]) -> FeaturesRun:
         if self._conn is None or self._conn.closed:
             self._connect()
         assert self._conn is not None
         try:
-            return process_dirty(self._conn, should_stop=stop.is_set)
+            return process_dirty(self._conn, should_stop=stop.is_set, skip=skip)
         except DatabaseUnavailable:
             self._close()
             if stop.is_set():  # our own cancel request, at shutdown

@@ -130,6 +130,7 @@ class _JobRun:
     asked: bool = True  # False: the refusal is a recent one remembered, no request was sent
     # Set only for a job that never reached the writer (its coverage could not be read).
     local_outcome: JobOutcome | None = None
+    features_deferred: bool = False  # its features wait for the job's end (ranges at once)
 
     @property
     def outcome(self) -> JobOutcome | None:
@@ -201,8 +202,11 @@ class Scheduler:
         today: Callable[[], dt.date] | None = None,
         splits_checked: Callable[[], Awaitable[dt.date | None]] | None = None,
         coordinator: Coordinator | None = None,
+        defer_features: Callable[[SeriesKey, bool], None] | None = None,
     ) -> None:
         self._config = config
+        # FeaturesTask.defer: a job walking sub-ranges at once commits them out of order.
+        self._defer_features = defer_features
         self._client = client
         self._send = send
         self._series_state = series_state
@@ -626,6 +630,21 @@ class Scheduler:
         run = _JobRun(SeriesKey(job.symbol, job.timeframe.label), job.from_ms, job.to_ms,
                       Receipt(execution_id=cycle.execution_id))
         cycle.jobs.append(run)
+        try:
+            await self._run_job(cycle, job, run)
+        finally:
+            if run.features_deferred:
+                run.features_deferred = False
+                assert self._defer_features is not None
+                self._defer_features(run.series, False)
+
+    def _defer_job_features(self, run: _JobRun) -> None:
+        """From now until the job ends, its pages may commit out of order."""
+        if self._defer_features is not None and not run.features_deferred:
+            run.features_deferred = True
+            self._defer_features(run.series, True)
+
+    async def _run_job(self, cycle: _Cycle, job: Job, run: _JobRun) -> None:
         log = logger.bind(symbol=job.symbol, timeframe=job.timeframe.label)
         async with self._send.clone() as send:
             if cycle.auth_error is not None:
@@ -645,6 +664,7 @@ class Scheduler:
                     if len(job.ranges) > 1:
                         await answered.wait()
                         if run.refused is None and run.error is None:
+                            self._defer_job_features(run)
                             for fetch in job.ranges[1:]:
                                 walkers.start_soon(self._walk_range, cycle, job, run, fetch,
                                                    send, walkers)
@@ -718,6 +738,7 @@ class Scheduler:
                                             self._parallel_ranges())
                         if len(parts) > 1:
                             log.debug("splitting the rest into {} sub-ranges", len(parts))
+                            self._defer_job_features(run)
                             for part in parts:
                                 walkers.start_soon(partial(
                                     self._walk_range, cycle, job, run, part, send, walkers,

@@ -193,3 +193,39 @@ def test_statistics_before_start() -> None:
     assert (stats.connected, stats.runs, stats.pending, stats.errors) == (False, 0, 0, 0)
     assert stats.last_run_seconds is None and stats.last_latency_seconds is None
     assert retrying.DB_MIN_SECONDS < 1.0  # the outage test relies on a quick first retry
+
+
+async def test_a_deferred_series_waits_for_its_release_and_is_computed_once(
+        database: str) -> None:
+    """A deep backfill commits its sub-ranges out of order: while deferred, its pages are marked
+    (the markers are durable) but not computed; released, it is computed once, from its first
+    changed bar, and equals the straightforward reference. Other series go on meanwhile."""
+    spy, ibm = truth_bars("SPY", "5m", 6), truth_bars("IBM", "5m", 2)
+    third = len(spy) // 3
+    task = FeaturesTask(database, coalesce_seconds=0.05, poll_seconds=60.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(task.run)
+        await _wait_until(lambda: task.statistics().runs == 1)
+        task.defer(("SPY", "5m"), True)
+        task.defer(("SPY", "5m"), True)  # holds nest
+        # the later sub-range lands first, then the earlier one
+        for page in (spy[2 * third:], spy[:third], spy[third:2 * third]):
+            await trio.to_thread.run_sync(write_page, database, "SPY", "5m", page)
+            task.notify()
+        await trio.to_thread.run_sync(write_page, database, "IBM", "5m", ibm)
+        task.notify()
+        await _wait_until(lambda: task.statistics().pending == 0)
+        assert stored(database, "SPY", "5m") == []  # held back; its marker is kept
+        assert set(dirty(database)) == {("SPY", "5m")}
+        assert_matches(stored(database, "IBM", "5m"), reference(ibm))
+        task.defer(("SPY", "5m"), False)
+        await trio.sleep(0.2)
+        assert set(dirty(database)) == {("SPY", "5m")}  # one hold is left
+        runs = task.statistics().runs
+        task.defer(("SPY", "5m"), False)  # released: computed in the next pass
+        await _wait_until(lambda: task.statistics().pending == 0
+                          and task.statistics().runs > runs)
+        nursery.cancel_scope.cancel()
+    assert_matches(stored(database, "SPY", "5m"), reference(spy))
+    assert dirty(database) == {}
+    assert task.statistics().rows_written == len(spy) + len(ibm)  # each row computed once

@@ -19,7 +19,7 @@ from daemon.bars import Bar
 from daemon.config import parse_config
 from daemon.db import SeriesState
 from daemon.errors import ApiKeyRefused, ApiServerError, NotEntitled
-from daemon.jobs import JobOutcome
+from daemon.jobs import JobOutcome, SeriesKey
 from daemon.market_calendar import et_midnight_ms
 from daemon.planning import FetchRange, expected_aggregates, plan_series, split_range
 from daemon.polygon import ClientStatistics, Page
@@ -381,8 +381,10 @@ async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
     start = et_midnight_ms(dt.date(2024, 1, 2))
     client = SeriesClient(start, 36 * 400, page_bars=400, seconds=0.4)  # 36 pages
     send, receive = open_writer_channel(4)
+    deferrals: list[tuple[SeriesKey, bool]] = []
     sched = Scheduler(cfg, client, send, series_state=no_coverage,  # type: ignore[arg-type]
-                      today=lambda: TODAY)
+                      today=lambda: TODAY,
+                      defer_features=lambda series, on: deferrals.append((series, on)))
     written: list[int] = []
     covered: list[tuple[int, int]] = []
 
@@ -413,6 +415,8 @@ async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
     [(lo, hi)] = spans(covered)
     assert lo == start and client.ts[-1] < hi <= et_midnight_ms(dt.date(2024, 3, 2))
     assert client.requests <= 36 + 16  # at most one partial page per sub-range
+    # its features wait from the split to the job's end (its ranges commit out of order)
+    assert deferrals == [(SeriesKey("SPY", "5m"), True), (SeriesKey("SPY", "5m"), False)]
 
 
 # --- partial failures: a refused series, a failed series' own backoff ------------------------
