@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 
 import attrs
 import trio
+from loguru import logger
 
 from .budget import SharedBudget
 
@@ -91,6 +92,11 @@ class Grant:
     granted_at: float
 
 
+# The next shared batch is asked for once this batch's last slot is no more than this many
+# database round trips away.
+AHEAD_TRIPS = 2.0
+
+
 class RateLimiter:
     """A shared, FIFO-fair, adaptive token bucket plus a global in-flight cap.
 
@@ -111,6 +117,11 @@ class RateLimiter:
         # every instance using the key spends one budget; without, from this process's clock.
         self._shared = shared
         self._reserved: collections.deque[float] = collections.deque()
+        # Set when the batch asked for ahead (while the last reserved slot is waited for) has
+        # landed; None when none is in flight.
+        self._ahead: trio.Event | None = None
+        self._rate_changes = 0  # a batch reserved before a change of rate is dropped
+        self._round_trip = 0.0  # how long the last batch took to arrive (trio seconds)
         self._report = [0, 0, 0.0]  # slowdowns, successes, Retry-After since the last batch
         self._configured = _check_rate(requests_per_minute)
         self._effective = self._configured
@@ -169,7 +180,14 @@ class RateLimiter:
         async with self._turn:
             while True:
                 if self._shared is not None and not self._reserved:
+                    if self._ahead is not None:
+                        await self._ahead.wait()
+                        continue  # landed (or failed: then asked for here)
                     await self._reserve()
+                elif (self._shared is not None and self._ahead is None and self._waiting > 1
+                      and self._reserved[-1] - trio.current_time()
+                      <= AHEAD_TRIPS * self._round_trip):
+                    self._reserve_ahead()
                 now = trio.current_time()
                 due = self._token_due()
                 if due <= now:
@@ -183,9 +201,31 @@ class RateLimiter:
             self._granted += 1
             return Grant(self._granted, now)
 
+    def _reserve_ahead(self) -> None:
+        """Ask for the next batch in the background while this one's last slots are waited
+        for (those within AHEAD_TRIPS round trips). Asked for only once the slots ran out, a
+        batch starts a database round trip after the bucket's pointer, which has passed by the
+        time it arrives when the trip is slower than a slot (measured in the demo: 228 of 583
+        batches late, 18 of 25 req/s); asked for ahead, it follows on from this batch's last
+        slot."""
+        landed = self._ahead = trio.Event()
+        trio.lowlevel.spawn_system_task(self._reserve_in_background, landed,
+                                        name="backfilld.ratelimit.reserve_ahead")
+
+    async def _reserve_in_background(self, landed: trio.Event) -> None:
+        try:
+            await self._reserve()
+        except Exception as exc:  # noqa: BLE001 - a system task must not raise; asked again
+            logger.warning("reserving API budget ahead failed (asked again when needed): {}",
+                           exc)
+        finally:
+            self._ahead = None
+            landed.set()
+
     async def _reserve(self) -> None:
         """Take the next batch of send times from the shared bucket (daemon.budget)."""
         assert self._shared is not None
+        changes, asked = self._rate_changes, trio.current_time()
         configured = self._configured or UNLIMITED_CEILING_PER_MINUTE
         slowdowns, successes, retry_after = self._report
         self._report = [0, 0, 0.0]
@@ -193,6 +233,9 @@ class RateLimiter:
             self._shared.batch(self._effective or configured, self._waiting),
             configured_per_minute=configured, slowdowns=int(slowdowns),
             successes=int(successes), retry_after=float(retry_after))
+        self._round_trip = trio.current_time() - asked
+        if changes != self._rate_changes:
+            return  # reserved under the old rate (a 429 meanwhile): the next batch is slower
         if self._configured > 0:
             self._effective = reservation.effective_per_minute
         self._reserved.extend(reservation.times())
@@ -224,6 +267,7 @@ class RateLimiter:
             self._slowed_after = self._granted
             self._report[0] += 1
             self._reserved.clear()  # reserved under the old rate: the next batch is slower
+            self._rate_changes += 1
         if retry_after is not None and retry_after > 0:
             self._paused_until = max(self._paused_until, now + retry_after)
             self._report[2] = max(float(self._report[2]), retry_after)
