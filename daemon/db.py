@@ -192,11 +192,13 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
     return done
 
 
-def ensure_partitions(conn: psycopg.Connection, table: str, years: Iterable[int]) -> None:
+def ensure_partitions(conn: psycopg.Connection, table: str, years: Iterable[int], *,
+                      wait: bool = True) -> None:
     """The year partitions of `table` (bars or features) for `years`, each created in its own
     short transaction that never queues long for the table's lock (see
     PARTITION_LOCK_TIMEOUT_MS): a lock not granted in time is asked for again after a pause,
-    until it is. `conn` must have no transaction open.
+    until it is (`wait=False`: the years not granted in time are skipped, for whoever needs
+    them to create). `conn` must have no transaction open.
 
     Error handling: psycopg errors other than the lock timeout propagate (the caller's own
     translation applies: the writer retries an unavailable database, rejects anything else).
@@ -212,6 +214,8 @@ def ensure_partitions(conn: psycopg.Connection, table: str, years: Iterable[int]
                     conn.execute(f"SELECT {table}_ensure_partition(%s)", (year,))
                 break
             except psycopg.errors.LockNotAvailable:
+                if not wait:
+                    break
                 time.sleep(pause)
                 pause = min(PARTITION_RETRY_MAX_SECONDS, pause * 2)
 
@@ -219,7 +223,9 @@ def ensure_partitions(conn: psycopg.Connection, table: str, years: Iterable[int]
 def ensure_history_partitions(url: str, first_year: int, last_year: int) -> None:
     """Both tables' partitions for every year of the configured history, created at start, so
     that a backfill never creates one while features are being computed (a reload that moves
-    the history back, or a new year, creates its own as the writer meets it).
+    the history back, or a new year, creates its own as the writer meets it). Best effort: a
+    table locked by someone else does not hold up the start; the writer creates what is
+    missing then.
 
     Error handling: DatabaseUnavailable when the server cannot be reached, DatabaseError for
     anything else.
@@ -227,7 +233,7 @@ def ensure_history_partitions(url: str, first_year: int, last_year: int) -> None
     try:
         with connection(url, autocommit=True) as conn:
             for table in _PARTITIONED:
-                ensure_partitions(conn, table, range(first_year, last_year + 1))
+                ensure_partitions(conn, table, range(first_year, last_year + 1), wait=False)
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot create partitions: {exc}") from None
     except psycopg.Error as exc:
