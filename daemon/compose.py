@@ -164,7 +164,7 @@ def build(
                              give_up_after=max_wait)
     client = PolygonClient(config.polygon, config.retry, limiter=limiter, breaker=breaker)
     send, receive = open_writer_channel(config.database.queue_pages)
-    features_task = FeaturesTask(db_url)
+    features_task = FeaturesTask(db_url, connections=config.database.features_connections)
     writer = Writer(db_url, receive, on_commit=features_task.notify, instance_id=identity.id,
                     on_release=coordinator.released,
                     idle_transaction_seconds=coordinator.lease_seconds)

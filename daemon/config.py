@@ -95,6 +95,7 @@ class PolygonConfig:
 class DatabaseConfig:
     url: Secret | None = None  # None: embedded PostgreSQL under state_dir
     queue_pages: int = 8  # bounded writer channel: producers wait when the writer is behind
+    features_connections: int = 2  # series whose features are computed at once (a core each)
 
 
 @attrs.frozen
@@ -282,7 +283,8 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "max_in_flight": _integer(1, 1000),
         "page_limit": _integer(1, 50_000),
     },
-    "database": {"url": _string, "queue_pages": _integer(1, 1000)},
+    "database": {"url": _string, "queue_pages": _integer(1, 1000),
+                 "features_connections": _integer(1, 64)},
     "backfill": {
         "symbols": _symbols,
         "timeframes": _timeframes,

@@ -61,8 +61,8 @@ import collections
 import datetime as dt
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
-from contextlib import closing, contextmanager, suppress
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import ExitStack, closing, contextmanager, suppress
 
 import attrs
 import psycopg
@@ -470,7 +470,8 @@ class FeaturesRun:
     stopped: bool = False
 
 
-def process_dirty(conn: psycopg.Connection, *, max_series: int | None = None,
+def process_dirty(conn: psycopg.Connection | Sequence[psycopg.Connection], *,
+                  max_series: int | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   chunk_bars: int = CHUNK_BARS,
                   skip: Collection[tuple[str, str]] = ()) -> FeaturesRun:
@@ -484,45 +485,88 @@ def process_dirty(conn: psycopg.Connection, *, max_series: int | None = None,
     caller (Connection.cancel_safe) while it is True ends it too, its claim kept for the next
     pass.
 
-    `conn` must have no transaction open (autocommit, or idle).
+    Given several connections, they compute different series at once (each takes the next
+    series when it is free; one thread per connection beyond the first): each uses a server
+    core of its own. Every connection must have no transaction open (autocommit, or idle).
 
     Error handling: DatabaseUnavailable (connection lost) ends the pass and is raised, as is
     DatabaseError when the markers cannot be read; a computation rejected for one series is
     logged and counted in `failed`, and the pass goes on with the next.
     """
-    _require_idle(conn)
+    conns = [conn] if isinstance(conn, psycopg.Connection) else list(conn)
+    for each in conns:
+        _require_idle(each)
     stop = should_stop or (lambda: False)
     started = time.perf_counter()
+    lock = threading.Lock()
     series = rows = failed = 0
     last_error: str | None = None
     try:
         keys = [_Key(s, tf) for s, tf in
-                conn.execute(_DIRTY_SERIES, (max_series,)).fetchall() if (s, tf) not in skip]
+                conns[0].execute(_DIRTY_SERIES, (max_series,)).fetchall() if (s, tf) not in skip]
     except psycopg.Error as exc:
         raise _translate(exc, "reading features_dirty") from None
-    for key in keys:
-        if stop():
-            break
+
+    def compute(conn: psycopg.Connection, key: _Key) -> None:
+        nonlocal series, rows, failed, last_error
+        doing = f"computing features of {key.symbol} {key.timeframe}"
         try:
             written = _process_series(conn, key, chunk_bars=chunk_bars)
         except psycopg.errors.QueryCanceled:
             if stop():
-                break
-            raise DatabaseUnavailable(
-                f"computing features of {key.symbol} {key.timeframe}: query cancelled") from None
+                return  # our own cancel: the pass ends, the claim stays
+            raise DatabaseUnavailable(f"{doing}: query cancelled") from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            raise _translate(exc, f"computing features of {key.symbol} {key.timeframe}") from None
+            raise _translate(exc, doing) from None
         except psycopg.Error as exc:
-            failed += 1
-            last_error = str(_translate(exc, f"computing features of {key.symbol} "
-                                             f"{key.timeframe}"))
-            logger.bind(symbol=key.symbol, timeframe=key.timeframe).error(last_error)
-            continue
+            error = str(_translate(exc, doing))
+            logger.bind(symbol=key.symbol, timeframe=key.timeframe).error(error)
+            with lock:
+                failed, last_error = failed + 1, error
+            return
         if written is not None:
-            series += 1
-            rows += written
+            with lock:
+                series, rows = series + 1, rows + written
+
+    _share_out(conns, keys, compute, stop)
     return FeaturesRun(series=series, rows=rows, seconds=time.perf_counter() - started,
                        failed=failed, last_error=last_error, stopped=stop())
+
+
+def _share_out(conns: Sequence[psycopg.Connection], keys: Iterable[_Key],
+               compute: Callable[[psycopg.Connection, _Key], None],
+               stop: Callable[[], bool] = lambda: False) -> None:
+    """`compute(conn, key)` for every key until `stop()`, each connection taking the next key
+    when it is free: one thread per connection beyond the first, which runs on the caller's
+    thread. The first exception stops the others after their current key and is raised."""
+    todo = iter(keys)
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def work(conn: psycopg.Connection) -> None:
+        while True:
+            with lock:
+                key = None if failures or stop() else next(todo, None)
+            if key is None:
+                return
+            try:
+                compute(conn, key)
+            except BaseException as exc:  # re-raised on the caller's thread
+                with lock:
+                    failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=work, args=(conn,), name=f"features-{n}")
+               for n, conn in enumerate(conns[1:], start=2)]
+    for thread in threads:
+        thread.start()
+    try:
+        work(conns[0])
+    finally:
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
 
 
 @attrs.frozen
@@ -611,46 +655,28 @@ def rebuild(url: str, *, symbol: str | None = None, timeframe: str | None = None
     Error handling: raises DatabaseUnavailable or DatabaseError; the series in progress is
     rolled back, the workers stop after their current series, and those done stay rebuilt.
     """
-    with _translated("rebuilding features"), closing(db.connect(url, autocommit=True)) as conn:
-        series = [_Key(s, tf) for s, tf in conn.execute(
+    with _translated("rebuilding features"), ExitStack() as stack:
+        first = stack.enter_context(closing(db.connect(url, autocommit=True)))
+        series = [_Key(s, tf) for s, tf in first.execute(
             _SERIES, {"symbol": symbol, "timeframe": timeframe}).fetchall()]
-    total = len(series)
-    todo = iter(series)
-    lock = threading.Lock()
-    done = rows = 0
-    failures: list[BaseException] = []
-    if progress is not None:
-        progress(0, total)
+        conns = [first] + [stack.enter_context(closing(db.connect(url, autocommit=True)))
+                           for _ in range(1, min(jobs, len(series)))]
+        total = len(series)
+        lock = threading.Lock()
+        done = rows = 0
+        if progress is not None:
+            progress(0, total)
 
-    def work() -> None:
-        nonlocal done, rows
-        try:
-            with (_translated("rebuilding features"),
-                  closing(db.connect(url, autocommit=True)) as conn):
-                while True:
-                    with lock:
-                        key = None if failures else next(todo, None)
-                    if key is None:
-                        return
-                    written = _process_series(conn, key, chunk_bars=chunk_bars,
-                                              from_scratch=True, wait=True) or 0
-                    with lock:
-                        done, rows = done + 1, rows + written
-                        if progress is not None:
-                            progress(done, total)
-        except BaseException as exc:  # re-raised by the caller's thread
+        def compute(conn: psycopg.Connection, key: _Key) -> None:
+            nonlocal done, rows
+            written = _process_series(conn, key, chunk_bars=chunk_bars,
+                                      from_scratch=True, wait=True) or 0
             with lock:
-                failures.append(exc)
+                done, rows = done + 1, rows + written
+                if progress is not None:
+                    progress(done, total)
 
-    workers = [threading.Thread(target=work, name=f"features-rebuild-{n}")
-               for n in range(1, min(jobs, total))]
-    for worker in workers:
-        worker.start()
-    work()
-    for worker in workers:
-        worker.join()
-    if failures:
-        raise failures[0]
+        _share_out(conns, series, compute)
     return rows
 
 
@@ -745,8 +771,9 @@ class FeaturesTask:
 
     `notify()` (sync, from trio: the composition root calls it after each writer commit) wakes
     the task; it sleeps `coalesce_seconds` more so a burst of pages makes one pass, then runs
-    process_dirty on its own connection in a worker thread (its own CapacityLimiter(1)). A pass
-    also runs at start, for markers committed while the daemon was down.
+    process_dirty on its own `connections` (different series at once, one server core each)
+    from a worker thread (its own CapacityLimiter(1)). A pass also runs at start, for markers
+    committed while the daemon was down.
 
     `defer(series, True)` holds a series' computation back while its backfill commits ranges
     out of order (the scheduler walks a deep series' sub-ranges at once): computed after each
@@ -767,15 +794,17 @@ class FeaturesTask:
     computed on the next start.
     """
 
-    def __init__(self, url: str, *, coalesce_seconds: float = 0.2, poll_seconds: float = 30.0,
+    def __init__(self, url: str, *, connections: int = 1, coalesce_seconds: float = 0.2,
+                 poll_seconds: float = 30.0,
                  run_pass: Callable[[], Awaitable[FeaturesRun]] | None = None) -> None:
         self._url = url
+        self._connections = max(1, connections)
         self._coalesce_seconds = coalesce_seconds
         self._poll_seconds = poll_seconds
         self._owns_connection = run_pass is None
         self._run_pass = run_pass or self._database_pass
         self._limiter = trio.CapacityLimiter(1)
-        self._conn: psycopg.Connection | None = None
+        self._conns: list[psycopg.Connection] = []
         self._wake = trio.Event()
         self._pending = 0
         self._pending_since: float | None = None  # trio time of the first unserved notify
@@ -820,7 +849,7 @@ class FeaturesTask:
 
     def statistics(self) -> FeaturesStatistics:
         return FeaturesStatistics(
-            connected=self._conn is not None and not self._conn.closed,
+            connected=bool(self._conns) and not any(conn.closed for conn in self._conns),
             runs=self._runs,
             series_computed=self._series,
             rows_written=self._rows,
@@ -923,23 +952,23 @@ class FeaturesTask:
         finally:
             if not done.cancel_called:
                 stop.set()
-                conn = self._conn
-                if conn is not None and not conn.closed:
+                conns = [conn for conn in self._conns if not conn.closed]
+                if conns:
                     with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(self._cancel_query, conn)
+                        await trio.to_thread.run_sync(self._cancel_queries, conns)
 
     @staticmethod
-    def _cancel_query(conn: psycopg.Connection) -> None:
-        with suppress(psycopg.Error):
-            conn.cancel_safe(timeout=_CANCEL_TIMEOUT_SECONDS)
+    def _cancel_queries(conns: list[psycopg.Connection]) -> None:
+        for conn in conns:
+            with suppress(psycopg.Error):
+                conn.cancel_safe(timeout=_CANCEL_TIMEOUT_SECONDS)
 
     def _pass_in_thread(self, stop: threading.Event,
                         skip: frozenset[tuple[str, str]]) -> FeaturesRun:
-        if self._conn is None or self._conn.closed:
+        if len(self._conns) < self._connections or any(conn.closed for conn in self._conns):
             self._connect()
-        assert self._conn is not None
         try:
-            return process_dirty(self._conn, should_stop=stop.is_set, skip=skip)
+            return process_dirty(self._conns, should_stop=stop.is_set, skip=skip)
         except DatabaseUnavailable:
             self._close()
             if stop.is_set():  # our own cancel request, at shutdown
@@ -947,9 +976,15 @@ class FeaturesTask:
             raise
 
     def _connect(self) -> None:
-        self._conn = db.connect(self._url, autocommit=True)
+        self._close()
+        try:
+            while len(self._conns) < self._connections:
+                self._conns.append(db.connect(self._url, autocommit=True))
+        except BaseException:
+            self._close()
+            raise
 
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()

@@ -37,9 +37,9 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> None:
                          help=f"config file (default: ${_CONFIG_ENV} or ./{_DEFAULT_CONFIG})")
     rebuild.add_argument("--symbol", help="only this symbol (exact, case-sensitive)")
     rebuild.add_argument("--timeframe", help="only this timeframe label, e.g. 5m or 1d")
-    rebuild.add_argument("--jobs", type=int, default=1, metavar="N",
+    rebuild.add_argument("--jobs", type=int, default=None, metavar="N",
                          help="series computed at once, each on its own connection and server "
-                              "core (default 1)")
+                              "core (default: [database] features_connections)")
 
 
 def run_features(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -58,7 +58,8 @@ def run_features(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     with database_url(url, config.state_dir) as db_url:
         db.apply_migrations(db_url)
         rows = rebuild(db_url, symbol=args.symbol, timeframe=args.timeframe,
-                       progress=progress.update, jobs=max(1, args.jobs))
+                       progress=progress.update,
+                       jobs=max(1, args.jobs or config.database.features_connections))
     seconds = time.perf_counter() - started
     progress.finish()
     print(f"features rebuilt: {progress.total:,} series, {rows:,} rows in {seconds:.1f} s"

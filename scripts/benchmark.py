@@ -474,7 +474,8 @@ def fig_features(bench: Bench) -> dict[str, Any]:
     latencies = trio.run(topup_latencies, run["url"])
     drain = (run["cycle"] or {}).get("after_cycle_s")
     return {
-        "rows": [row("features rebuild rows/s (1 connection)", rate, writer, unit="rows/s",
+        "rows": [row("features rebuild rows/s (2 connections, the default)", rate, writer,
+                     unit="rows/s",
                      ref_label="e2e writer bars/s", target=(">=", 1.0)),
                  row("top-up commit -> its features (median of series)",
                      statistics.median(latencies), unit="s", target=("<", 1.0),

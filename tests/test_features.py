@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from daemon import db, features
+from daemon.errors import DatabaseUnavailable
 from daemon.features import mark_dirty, process_dirty, recompute_series
 from daemon.market_calendar import et_midnight_ms
 from daemon.simulator.data import ground_truth
@@ -461,6 +462,50 @@ def test_rejected_series_keeps_its_marker_and_the_pass_goes_on(database: str) ->
     assert set(dirty(database)) == {("BAD", "1d")}
     assert stored(database, "BAD", "1d") == []
     assert len(stored(database, "GOOD", "1d")) == 3
+
+
+def test_two_connections_compute_two_series_at_once(database: str) -> None:
+    slow, fast = synthetic([10.0, 11.0, 12.0]), synthetic([20.0, 19.0])
+    write_page(database, "SLOW", "1d", slow)  # marked first: a lone connection takes it first
+    write_page(database, "FAST", "1d", fast)
+    blocker = psycopg.connect(database)
+    # SLOW's claim (an UPDATE of its marker) waits for this row lock
+    blocker.execute("SELECT FROM features_dirty WHERE symbol = 'SLOW' FOR UPDATE")
+    result: list[features.FeaturesRun] = []
+    with (db.connect(database, autocommit=True) as one,
+          db.connect(database, autocommit=True) as two):
+        worker = threading.Thread(target=lambda: result.append(process_dirty([one, two])))
+        worker.start()
+        try:
+            _wait_for_lock_wait(database)
+            deadline = time.monotonic() + 20
+            while len(stored(database, "FAST", "1d")) < len(fast):  # computed meanwhile
+                assert time.monotonic() < deadline, "FAST waited behind SLOW"
+                time.sleep(0.02)
+            assert worker.is_alive() and stored(database, "SLOW", "1d") == []
+        finally:
+            blocker.rollback()
+            blocker.close()
+            worker.join(30)
+    assert result and (result[0].series, result[0].rows) == (2, len(slow) + len(fast))
+    assert_matches(stored(database, "SLOW", "1d"), reference(slow))
+    assert_matches(stored(database, "FAST", "1d"), reference(fast))
+    assert dirty(database) == {}
+
+
+def test_a_lost_connection_of_several_ends_the_pass(database: str) -> None:
+    write_page(database, "A", "1d", synthetic([10.0, 11.0]))
+    write_page(database, "B", "1d", synthetic([10.0, 12.0]))
+    with (db.connect(database, autocommit=True) as one,
+          db.connect(database, autocommit=True) as two):
+        pid = two.info.backend_pid
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(DatabaseUnavailable):
+            process_dirty([one, two])
+    run_dirty(database)  # the next pass computes what that one left
+    assert dirty(database) == {}
+    assert [len(stored(database, s, "1d")) for s in ("A", "B")] == [2, 2]
 
 
 def test_another_process_on_the_series_is_skipped(database: str) -> None:

@@ -129,12 +129,15 @@ async def test_notify_computes_what_was_committed(database: str) -> None:
     assert dirty(database) == {}
 
 
-async def test_lost_connection_is_waited_out(database: str) -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+async def test_lost_connection_is_waited_out(database: str, connections: int) -> None:
     bars = truth_bars("X:BTCUSD", "1h", 10)
-    task = FeaturesTask(database, coalesce_seconds=0.0, poll_seconds=60.0)
+    task = FeaturesTask(database, connections=connections, coalesce_seconds=0.0,
+                        poll_seconds=60.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(task.run)
         await _wait_until(lambda: task.statistics().runs == 1)
+        assert _backends(database) == connections
         with psycopg.connect(database, autocommit=True) as admin:  # a restart, as the task sees it
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                           " WHERE datname = current_database() AND pid <> pg_backend_pid()")
@@ -142,9 +145,18 @@ async def test_lost_connection_is_waited_out(database: str) -> None:
         task.notify()
         await _wait_until(lambda: task.statistics().runs == 2)
         assert task.statistics().connected
+        assert _backends(database) == connections  # every one reconnected
         nursery.cancel_scope.cancel()
     assert task.statistics().errors == 0  # an outage is waited out, not an error
     assert_matches(stored(database, "X:BTCUSD", "1h"), reference(bars))
+
+
+def _backends(url: str) -> int:
+    """The task's connections to the database (db.connect names them backfilld)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                           " current_database() AND application_name = 'backfilld'").fetchone()
+    return int(row[0]) if row else 0
 
 
 async def test_a_broken_schema_is_an_error_not_a_crash(database: str) -> None:
@@ -162,8 +174,9 @@ async def test_a_broken_schema_is_an_error_not_a_crash(database: str) -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("connections", [1, 2])
 async def test_cancelled_mid_computation_stops_at_once_and_keeps_the_claim(
-    database: str,
+    database: str, connections: int,
 ) -> None:
     bars = truth_bars("AAPL", "1d", 200)
     write_page(database, "AAPL", "1d", bars)
@@ -172,7 +185,7 @@ async def test_cancelled_mid_computation_stops_at_once_and_keeps_the_claim(
     rescue = threading.Timer(15, blocker.close)  # only if the task ignored its cancellation
     rescue.start()
     try:
-        task = FeaturesTask(database, poll_seconds=60.0)
+        task = FeaturesTask(database, connections=connections, poll_seconds=60.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(task.run)
             await trio.to_thread.run_sync(_wait_for_lock_wait, database)
