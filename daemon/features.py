@@ -170,12 +170,14 @@ src AS (
 ), w20 AS (
     SELECT ts, close, volume, lr, gain, loss, tr, high, low,
            sum(close) OVER w AS close20,
-           count(lr) OVER w AS n_lr, stddev_samp(lr) OVER w AS lr_sd,
-           sum(volume) OVER w AS volume20, stddev_samp(volume) OVER w AS v_sd
+           -- {count, sum, squared deviations} (sql/009): count, sum and stddev_samp in one
+           features_stats(lr) OVER w AS lr_s, features_stats(volume) OVER w AS v_s
     FROM steps
     WINDOW w AS (ORDER BY ts ROWS 19 PRECEDING)
 ), w14 AS (
-    SELECT ts, close, volume, lr, close20, n_lr, lr_sd, volume20, v_sd,
+    SELECT ts, close, volume, lr, close20, lr_s[1] AS n_lr, v_s[2] AS volume20,
+           CASE WHEN lr_s[1] > 1 THEN sqrt(lr_s[3] / (lr_s[1] - 1)) END AS lr_sd,
+           CASE WHEN v_s[1] > 1 THEN sqrt(v_s[3] / (v_s[1] - 1)) END AS v_sd,
            sum(tr) OVER w AS tr14, sum(gain) OVER w AS gain14, sum(loss) OVER w AS loss14,
            sum(close) OVER w AS close14, min(low) OVER w AS lo14, max(high) OVER w AS hi14
     FROM w20
