@@ -659,15 +659,16 @@ class Scheduler:
                     # The first range alone until its first answer: a refused series costs
                     # one request per cycle, not one per range.
                     answered = trio.Event()
-                    walkers.start_soon(partial(self._walk_range, cycle, job, run,
-                                               job.ranges[0], send, walkers, answered=answered))
+                    self._start_walker(walkers, partial(
+                        self._walk_range, cycle, job, run, job.ranges[0], send, walkers,
+                        answered=answered))
                     if len(job.ranges) > 1:
                         await answered.wait()
                         if run.refused is None and run.error is None:
                             self._defer_job_features(run)
                             for fetch in job.ranges[1:]:
-                                walkers.start_soon(self._walk_range, cycle, job, run, fetch,
-                                                   send, walkers)
+                                self._start_walker(walkers, partial(
+                                    self._walk_range, cycle, job, run, fetch, send, walkers))
             await send.send(JobFinished(run.series, run.fetch_result(), run.receipt,
                                         job.lease))
         await run.receipt.finished.wait()
@@ -689,8 +690,7 @@ class Scheduler:
         concurrently (each by its own `_walk_range`) when the request budget has room.
         """
         log = logger.bind(symbol=job.symbol, timeframe=job.timeframe.label)
-        self._walkers += 1
-        try:
+        try:  # counted by _start_walker
             page_from = fetch.from_ms
             pages = self._client.pages(job.symbol, job.timeframe, fetch.from_ms, fetch.to_ms)
             async with aclosing(pages):  # type: ignore[type-var]
@@ -740,7 +740,7 @@ class Scheduler:
                             log.debug("splitting the rest into {} sub-ranges", len(parts))
                             self._defer_job_features(run)
                             for part in parts:
-                                walkers.start_soon(partial(
+                                self._start_walker(walkers, partial(
                                     self._walk_range, cycle, job, run, part, send, walkers,
                                     may_split=False))
                             break
@@ -761,6 +761,12 @@ class Scheduler:
             self._walkers -= 1
             if answered is not None:
                 answered.set()
+
+    def _start_walker(self, walkers: trio.Nursery, walk: Callable[[], Awaitable[None]]) -> None:
+        """Start a `_walk_range`, counted from now, not from when it first runs: several series
+        splitting in one scheduler tick each see the walkers the others just started."""
+        self._walkers += 1
+        walkers.start_soon(walk)
 
     def _parallel_ranges(self) -> int:
         """How many sub-ranges a deep range may be split into right now.

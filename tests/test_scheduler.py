@@ -419,6 +419,39 @@ async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
     assert deferrals == [(SeriesKey("SPY", "5m"), True), (SeriesKey("SPY", "5m"), False)]
 
 
+async def test_deep_series_splitting_at_once_share_the_in_flight_cap(
+        autojump_clock: trio.abc.Clock) -> None:
+    cfg = config("[polygon]\nrequests_per_minute = 0\n", symbols=["SPY", "QQQ"],
+                 timeframes=["5m"], start="2024-01-02", end="2024-03-01", parallel_ranges=0,
+                 stagger_seconds=0)  # both first pages end in the same tick: both split then
+    client = SeriesClient(et_midnight_ms(dt.date(2024, 1, 2)), 36 * 400, page_bars=400,
+                          seconds=0.4)
+    send, receive = open_writer_channel(4)
+    sched = Scheduler(cfg, client, send, series_state=no_coverage,  # type: ignore[arg-type]
+                      today=lambda: TODAY)
+    written: list[int] = []
+
+    async def collect() -> None:
+        async with receive:
+            async for message in receive:
+                if isinstance(message, PageWrite):
+                    written.extend(row_times(message.rows))
+                    message.receipt.bars_written += message.rows.count
+                elif isinstance(message, JobFinished):
+                    message.receipt.outcome = JobOutcome.decide(
+                        fetch_error=message.fetch.error, write_error=None,
+                        cancelled=message.fetch.cancelled)
+                    message.receipt.finished.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect)
+        cycle = await sched.run(once=True)
+    assert cycle is not None and cycle.ok
+    # every walker may hold a page: all of them together, not each series, stay within 16
+    assert client.peak == 16
+    assert sorted(written) == sorted(client.ts * 2)
+
+
 # --- partial failures: a refused series, a failed series' own backoff ------------------------
 
 
