@@ -492,26 +492,26 @@ class PolygonClient:
             if not 200 <= status < 300:
                 raise self._status_error(status, response.reason_phrase, body, retry_after)
             self._limiter.on_success(grant=grant)
-        declared = _content_length(response)
-        if declared is not None and raw_bytes < declared:
-            raise BadResponse(f"body cut off: {raw_bytes} of {declared} bytes")
-        try:
-            decoded = await trio.to_thread.run_sync(decode, body, limiter=_DECODE_THREADS)
-        except BadResponse as exc:
-            error: ApiError = BadResponse(self._scrub(exc.message))
-        else:
-            if decoded.status in OK_STATUSES:
-                if decoded.results_null:
-                    raise BadResponse('"results": null (the API does this under load)')
-                if isinstance(decoded, DecodedPage) and decoded.quarantined:
-                    # their raw JSON is stored: no key in it, ever
-                    scrubbed = attrs.evolve(decoded, quarantined=tuple(
-                        attrs.evolve(q, raw=self._scrub(q.raw), reason=self._scrub(q.reason))
-                        for q in decoded.quarantined))
-                    return scrubbed, raw_bytes
-                return decoded, raw_bytes
-            error = self._body_error(decoded, body)
-        raise error
+            declared = _content_length(response)
+            if declared is not None and raw_bytes < declared:
+                raise BadResponse(f"body cut off: {raw_bytes} of {declared} bytes")
+            # Decoded while the in-flight slot is held: the raw bodies waiting for a decode
+            # thread stay within max_in_flight, however many ranges are walked at once.
+            try:
+                decoded = await trio.to_thread.run_sync(decode, body, limiter=_DECODE_THREADS)
+            except BadResponse as exc:
+                raise BadResponse(self._scrub(exc.message)) from None
+        if decoded.status in OK_STATUSES:
+            if decoded.results_null:
+                raise BadResponse('"results": null (the API does this under load)')
+            if isinstance(decoded, DecodedPage) and decoded.quarantined:
+                # their raw JSON is stored: no key in it, ever
+                scrubbed = attrs.evolve(decoded, quarantined=tuple(
+                    attrs.evolve(q, raw=self._scrub(q.raw), reason=self._scrub(q.reason))
+                    for q in decoded.quarantined))
+                return scrubbed, raw_bytes
+            return decoded, raw_bytes
+        raise self._body_error(decoded, body)
 
     def _body_error(self, decoded: _Envelope, body: bytes) -> ApiError:
         """A 200 whose body says it failed: classified like the matching status code."""
