@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 
@@ -38,6 +39,7 @@ __all__ = [
     "connect",
     "ensure_partitions",
     "ensure_history_partitions",
+    "lower_server_priority",
     "from_ms",
     "load_migrations",
     "pending_migrations",
@@ -86,6 +88,36 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
         )
     except psycopg.Error as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+
+
+def lower_server_priority(conn: psycopg.Connection, niceness: int) -> bool:
+    """Run this connection's server process at `niceness` (at least), when it is a PostgreSQL
+    backend on this machine that we may renice: the embedded server, or a local one of our
+    user reached over its Unix socket. For background work (the features): on a box it shares
+    with the writer and the status endpoint, it takes the CPU they leave, not theirs. Returns
+    whether it did; a TCP connection (maybe another machine: its pid means nothing here), a
+    server of another user, or no /proc is left alone.
+    """
+    if not (conn.info.host or "").startswith("/"):
+        return False
+    pid = conn.info.backend_pid
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if not cmdline.read().startswith(b"postgres"):
+                return False
+        if os.getpriority(os.PRIO_PROCESS, pid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, pid, niceness)
+    except OSError:
+        return False
+    # Each backend is a session leader (setsid), so with autogroup scheduling (Linux's default
+    # outside a cgroup with a CPU controller) it is a group of its own, weighed against the
+    # whole daemon: its process niceness counts only inside that group. The group's does.
+    with suppress(OSError, ValueError):
+        with open(f"/proc/{pid}/autogroup", "r+") as group:
+            current = int(group.read().split("nice")[1])
+            if current < niceness:
+                group.write(str(niceness))
+    return True
 
 
 @contextmanager

@@ -287,15 +287,15 @@ class _Connection:
         if response.close:
             headers.append((b"connection", b"close"))
         reason = _reason(response.status)
-        data = self.conn.send(h11.Response(status_code=response.status, headers=headers,
-                                           reason=reason))
-        await self.stream.send_all(data or b"")
-        if head:
-            await self.stream.send_all(self.conn.send(h11.EndOfMessage()) or b"")
-            return
-        if response.body:
-            await self.stream.send_all(self.conn.send(h11.Data(data=response.body)) or b"")
-        await self.stream.send_all(self.conn.send(h11.EndOfMessage()) or b"")
+        # One write per response, not one per part: each send() releases the GIL and must
+        # take it back from whichever thread computes (py-spy, 50 clients during a backfill:
+        # 27 % of the loop thread's samples sat in send(), most of it waiting for the GIL).
+        parts = [self.conn.send(h11.Response(status_code=response.status, headers=headers,
+                                             reason=reason)) or b""]
+        if response.body and not head:
+            parts.append(self.conn.send(h11.Data(data=response.body)) or b"")
+        parts.append(self.conn.send(h11.EndOfMessage()) or b"")
+        await self.stream.send_all(b"".join(parts))
 
     async def _fail(self, status: int, reason: str) -> None:
         """Answer a broken request with `status` when h11 still allows it, then close politely."""

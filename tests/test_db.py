@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psycopg
@@ -63,3 +64,17 @@ def test_unreachable_database_error_hides_password() -> None:
 def test_ms_conversion_is_exact() -> None:
     for ms in (0, 1, 1_700_000_000_123, -86_400_000, 4_102_444_800_999):
         assert db.to_ms(db.from_ms(ms)) == ms
+
+
+def test_a_local_server_process_is_reniced_never_raised(database: str) -> None:
+    with psycopg.connect(database) as conn:
+        pid = conn.info.backend_pid
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+        assert db.lower_server_priority(conn, 7) is True
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+        group = Path(f"/proc/{pid}/autogroup")
+        if group.exists():  # the backend leads a session: its scheduling group is niced too
+            assert group.read_text().split()[-1] == "7"
+        assert db.lower_server_priority(conn, 3) is True
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 7  # only ever lowered
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # and it serves as before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ import trio.testing
 
 from daemon import retrying
 from daemon.errors import DatabaseError
-from daemon.features import FeaturesRun, FeaturesTask
+from daemon.features import SERVER_NICENESS, FeaturesRun, FeaturesTask
 
 from .test_features import (
     _wait_for_lock_wait,
@@ -138,6 +139,7 @@ async def test_lost_connection_is_waited_out(database: str, connections: int) ->
         await nursery.start(task.run)
         await _wait_until(lambda: task.statistics().runs == 1)
         assert _backends(database) == connections
+        assert _niceness(database) == [SERVER_NICENESS] * connections  # background work
         with psycopg.connect(database, autocommit=True) as admin:  # a restart, as the task sees it
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                           " WHERE datname = current_database() AND pid <> pg_backend_pid()")
@@ -146,9 +148,20 @@ async def test_lost_connection_is_waited_out(database: str, connections: int) ->
         await _wait_until(lambda: task.statistics().runs == 2)
         assert task.statistics().connected
         assert _backends(database) == connections  # every one reconnected
+        assert _niceness(database) == [SERVER_NICENESS] * connections
         nursery.cancel_scope.cancel()
     assert task.statistics().errors == 0  # an outage is waited out, not an error
     assert_matches(stored(database, "X:BTCUSD", "1h"), reference(bars))
+
+
+def _niceness(url: str) -> list[int]:
+    """The niceness of the server processes of the task's connections (all on this machine:
+    the test server is the embedded one)."""
+    with psycopg.connect(url) as conn:
+        pids = [pid for (pid,) in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'backfilld'")]
+    return [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids]
 
 
 def _backends(url: str) -> int:

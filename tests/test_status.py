@@ -24,10 +24,14 @@ from daemon.app import serve
 from daemon.compose import Parts, build
 from daemon.config import parse_config
 from daemon.db import load_migrations
+from daemon.httpserver import Request
 from daemon.leases import Coordinator, Identity
 from daemon.monitoring import check_database
 from daemon.simulator.server import SimulatorOptions, serve_simulator
+from daemon.snapshot import Snapshot
 from daemon.status import StatusOptions
+from daemon.status import app as status_app
+from daemon.status.app import StatusApp
 from daemon.status.cache import Cached, Outcome
 from daemon.status_cli import run_status
 
@@ -35,8 +39,8 @@ SYMBOLS = ["AAPL", "X:BTCUSD"]
 TIMEFRAMES = ["1d", "1h"]
 
 
-# No answer caching (each request sees the database now) and a short read timeout.
-FAST = StatusOptions(cache_seconds=0.0, read_timeout=0.5)
+# No answer caching (each request sees the database and the daemon now), a short read timeout.
+FAST = StatusOptions(cache_seconds=0.0, render_seconds=0.0, read_timeout=0.5)
 
 
 class Running:
@@ -396,6 +400,70 @@ async def test_answers_are_cached_and_fetched_once(nursery: trio.Nursery, databa
             for _ in range(30):
                 burst.start_soon(http.get, "/readyz")
     assert calls == 1
+
+
+@pytest.mark.parametrize(("render_seconds", "builds"), [(60.0, 1), (0.0, 30)])
+async def test_snapshot_answers_are_built_once_per_render_interval(
+        nursery: trio.Nursery, database: str, monkeypatch: pytest.MonkeyPatch,
+        render_seconds: float, builds: int) -> None:
+    """30 clients asking for /status and /metrics at once cost one report and one render
+    (render_seconds 60), not one per request (0), and all get the same answer."""
+    counts = {"status": 0, "metrics": 0}
+    real_report, real_render = status_app.status_report, status_app.render
+
+    def report(snap: Snapshot) -> dict[str, object]:
+        counts["status"] += 1
+        return real_report(snap)
+
+    def render(snap: Snapshot, **kwargs: object) -> bytes:
+        counts["metrics"] += 1
+        return real_render(snap, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(status_app, "status_report", report)
+    monkeypatch.setattr(status_app, "render", render)
+    options = StatusOptions(cache_seconds=60.0, render_seconds=render_seconds)
+    daemon = await start(nursery, database, options=options)
+    bodies: dict[str, set[bytes]] = {"/status": set(), "/metrics": set()}
+    async with client(daemon) as http:
+        async def get(path: str) -> None:
+            answer = await http.get(path)
+            assert answer.status_code == 200
+            bodies[path].add(answer.content)
+
+        async with trio.open_nursery() as burst:
+            for _ in range(builds if builds > 1 else 30):
+                burst.start_soon(get, "/status")
+                burst.start_soon(get, "/metrics")
+    assert counts == {"status": builds, "metrics": builds}
+    if builds == 1:
+        assert len(bodies["/status"]) == len(bodies["/metrics"]) == 1
+
+
+async def test_a_reused_answer_is_rebuilt_after_render_seconds(
+        autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = iter(range(1000))
+    monkeypatch.setattr(status_app, "status_report", lambda snap: {"snapshot": snap.number})
+
+    def snapshot() -> argparse.Namespace:  # what the two endpoints read of a Snapshot
+        return argparse.Namespace(number=next(taken), wall=100.0, started_at=40.0)
+
+    app = StatusApp(snapshot, "postgresql:///unused",  # type: ignore[arg-type]
+                    StatusOptions(render_seconds=0.25))
+    request = Request("GET", "/status", "/status", {}, {})
+
+    async def snapshot_number() -> int:
+        answer = await app.handle(request)
+        return int(json.loads(answer.body)["snapshot"])
+
+    assert await snapshot_number() == 0
+    await trio.sleep(0.2)
+    assert await snapshot_number() == 0  # 0.2 s old: reused
+    await trio.sleep(0.1)
+    assert await snapshot_number() == 1  # 0.3 s old: a new snapshot, a new answer
+    await trio.sleep(0.3)
+    health = await app.handle(Request("GET", "/healthz", "/healthz", {}, {}))
+    assert health.status == 200 and json.loads(health.body)["uptime_seconds"] == 60.0
+    assert next(taken) == 3  # /healthz took snapshot 2, afresh
 
 
 async def test_port_in_use_is_logged_and_the_daemon_runs_on(nursery: trio.Nursery,

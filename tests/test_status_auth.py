@@ -45,7 +45,7 @@ GUARDED = ["/status", "/metrics", "/api/v1/admin/scheduler-health",
            "/api/v1/admin/features/staleness", "/api/v1/admin/scheduler/execution-history",
            "/no/such/path"]
 OPEN = ["/healthz", "/readyz"]
-FAST = StatusOptions(cache_seconds=0.0, read_timeout=0.5)
+FAST = StatusOptions(cache_seconds=0.0, render_seconds=0.0, read_timeout=0.5)
 
 
 @pytest.fixture
