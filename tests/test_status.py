@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import time
+from typing import TypeVar
 
 import httpx
 import psycopg
@@ -35,6 +37,7 @@ from daemon.status.app import StatusApp
 from daemon.status.cache import Cached, Outcome
 from daemon.status_cli import run_status
 
+T = TypeVar("T")
 SYMBOLS = ["AAPL", "X:BTCUSD"]
 TIMEFRAMES = ["1d", "1h"]
 
@@ -402,12 +405,12 @@ async def test_answers_are_cached_and_fetched_once(nursery: trio.Nursery, databa
     assert calls == 1
 
 
-@pytest.mark.parametrize(("render_seconds", "builds"), [(60.0, 1), (0.0, 30)])
-async def test_snapshot_answers_are_built_once_per_render_interval(
+@pytest.mark.parametrize(("render_seconds", "renders"), [(60.0, 1), (0.0, 30)])
+async def test_metrics_are_rendered_once_per_render_interval(
         nursery: trio.Nursery, database: str, monkeypatch: pytest.MonkeyPatch,
-        render_seconds: float, builds: int) -> None:
-    """30 clients asking for /status and /metrics at once cost one report and one render
-    (render_seconds 60), not one per request (0), and all get the same answer."""
+        render_seconds: float, renders: int) -> None:
+    """30 scrapes at once cost one render (render_seconds 60) and get the same exposition, not
+    one render each (0); /status is built for every request either way."""
     counts = {"status": 0, "metrics": 0}
     real_report, real_render = status_app.status_report, status_app.render
 
@@ -423,47 +426,54 @@ async def test_snapshot_answers_are_built_once_per_render_interval(
     monkeypatch.setattr(status_app, "render", render)
     options = StatusOptions(cache_seconds=60.0, render_seconds=render_seconds)
     daemon = await start(nursery, database, options=options)
-    bodies: dict[str, set[bytes]] = {"/status": set(), "/metrics": set()}
+    scrapes: set[bytes] = set()
     async with client(daemon) as http:
-        async def get(path: str) -> None:
-            answer = await http.get(path)
+        async def scrape() -> None:
+            answer = await http.get("/metrics")
             assert answer.status_code == 200
-            bodies[path].add(answer.content)
+            scrapes.add(answer.content)
 
         async with trio.open_nursery() as burst:
-            for _ in range(builds if builds > 1 else 30):
-                burst.start_soon(get, "/status")
-                burst.start_soon(get, "/metrics")
-    assert counts == {"status": builds, "metrics": builds}
-    if builds == 1:
-        assert len(bodies["/status"]) == len(bodies["/metrics"]) == 1
+            for _ in range(30):
+                burst.start_soon(scrape)
+                burst.start_soon(http.get, "/status")
+    assert counts == {"status": 30, "metrics": renders}
+    if renders == 1:
+        assert len(scrapes) == 1
 
 
-async def test_a_reused_answer_is_rebuilt_after_render_seconds(
+async def test_a_reused_exposition_is_rendered_again_after_render_seconds(
         autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     taken = iter(range(1000))
-    monkeypatch.setattr(status_app, "status_report", lambda snap: {"snapshot": snap.number})
+    monkeypatch.setattr(status_app, "render",
+                        lambda snap, **kwargs: f"snapshot {snap.number}\n".encode())
+    monkeypatch.setattr(status_app, "scheduler_health", lambda snap, error: {"status": "ok"})
 
-    def snapshot() -> argparse.Namespace:  # what the two endpoints read of a Snapshot
-        return argparse.Namespace(number=next(taken), wall=100.0, started_at=40.0)
+    def snapshot() -> argparse.Namespace:  # what the patched render reads of a Snapshot
+        return argparse.Namespace(number=next(taken), started_at=time.time() - 60)
 
     app = StatusApp(snapshot, "postgresql:///unused",  # type: ignore[arg-type]
-                    StatusOptions(render_seconds=0.25))
-    request = Request("GET", "/status", "/status", {}, {})
+                    StatusOptions(cache_seconds=3600.0, render_seconds=0.25))
+    answered = Outcome(None, "no database here")
+    monkeypatch.setattr(app._ready, "get", lambda: _now(answered))
+    monkeypatch.setattr(app._staleness, "get", lambda: _now(answered))
 
-    async def snapshot_number() -> int:
-        answer = await app.handle(request)
-        return int(json.loads(answer.body)["snapshot"])
+    async def rendered_from() -> bytes:
+        return (await app.handle(Request("GET", "/metrics", "/metrics", {}, {}))).body
 
-    assert await snapshot_number() == 0
+    assert await rendered_from() == b"snapshot 0\n"
     await trio.sleep(0.2)
-    assert await snapshot_number() == 0  # 0.2 s old: reused
+    assert await rendered_from() == b"snapshot 0\n"  # 0.2 s old: reused
     await trio.sleep(0.1)
-    assert await snapshot_number() == 1  # 0.3 s old: a new snapshot, a new answer
-    await trio.sleep(0.3)
+    assert await rendered_from() == b"snapshot 1\n"  # 0.3 s old: rendered again
     health = await app.handle(Request("GET", "/healthz", "/healthz", {}, {}))
-    assert health.status == 200 and json.loads(health.body)["uptime_seconds"] == 60.0
-    assert next(taken) == 3  # /healthz took snapshot 2, afresh
+    assert health.status == 200 and 59 < json.loads(health.body)["uptime_seconds"] < 70
+    await app.handle(Request("GET", "/healthz", "/healthz", {}, {}))
+    assert next(taken) == 3  # the first probe took snapshot 2 (the start time), later ones none
+
+
+async def _now(outcome: Outcome[T]) -> Outcome[T]:
+    return outcome
 
 
 async def test_port_in_use_is_logged_and_the_daemon_runs_on(nursery: trio.Nursery,
