@@ -17,7 +17,7 @@ names):
   e2e       12 symbols x 5m x 2 years (~1.1 M bars), no latency, unlimited rate: the daemon's
             bars/s (features always run: there is no switch) / a bare binary COPY of the same
             rows into a plain table with the same primary key
-  rss       peak RSS of `run --once` (os.wait4's per-child rusage) for 4 years / 1 year of
+  rss       peak RSS of `run --once` (the child's VmHWM, sampled every 20 ms) for 4 years / 1 year of
             5m + 1h history of 2 symbols
   demo      `backfilld demo` wall / its request bound (requests sent / the demo's rate)
   fixed     `python -m daemon --help` (median of 5) and a `run --once` with nothing to do
@@ -30,7 +30,8 @@ names):
 On stderr: a line of JSON per figure as it finishes, then the table (figure | measured |
 reference | ratio | target | met?). On stdout (and in --json PATH): the whole result as one
 JSON object (machine, load averages, figures, each with the command and config it used).
-`--quick` (~3 minutes) shrinks every universe; its figures are for smoke, not for the README.
+The whole run takes about 3 minutes on 2 cores. `--quick` shrinks every universe; its figures
+are for smoke, not for the README.
 Exit status 0 whatever the figures say; a figure that could not be measured is reported with
 its error and the others still run.
 """
