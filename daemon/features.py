@@ -63,6 +63,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager, suppress
+from typing import Any
 
 import attrs
 import psycopg
@@ -98,6 +99,10 @@ LOOKBACK_BARS = 49
 # 2-core reference machine, and the per-chunk overhead (49 lookback rows, one index probe) is
 # far below 1 %.
 CHUNK_BARS = 200_000
+# A recomputation of at least this many bars is split across the pass's idle connections
+# (one deep series, the only one dirty after its backfill): below it the split costs more than
+# it saves.
+SPLIT_MIN_BARS = 20_000
 # The daemon's features connections run their server process this nice (when it is local and
 # ours, daemon.db.lower_server_priority): measured under 50 status clients during a backfill,
 # the two features backends took 82 % of a core and the event loop waited 2.8 s per 8 s for a
@@ -158,7 +163,8 @@ def mark_dirty(cur: psycopg.Cursor, rows: Iterable[tuple[str, str, int]]) -> Non
 # The bars of [from, to) and the LOOKBACK_BARS before them (from `lookback` on), in ts order (one
 # ordered index range scan, no sort: the bounds are parameters, so the planner sees how many rows
 # they hold), the windows over them, and the features of the rows in [from, to). The EMA skips
-# the lookback rows (FILTER) and starts from the stored EMA of the bar before `from`.
+# the lookback rows (FILTER) and starts from `seed` when given, else from the stored EMA of the
+# bar before `from`.
 _COMPUTED = """
 src AS (
     SELECT ts, high, low, close, volume, lag(close) OVER (ORDER BY ts) AS prev
@@ -204,10 +210,10 @@ src AS (
            greatest(hi14, lag(hi14, 6) OVER w) AS hi,
            (close20 + lag(close14, 20) OVER w + lag(close14, 34) OVER w
             + lag(close, 48) OVER w + lag(close, 49) OVER w) / 50 AS sma50,
-           features_ema(close, %(alpha)s, (
+           features_ema(close, %(alpha)s, COALESCE(%(seed)s::float8, (
                SELECT ema_20 FROM features
                WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s AND ts < %(from)s
-               ORDER BY ts DESC LIMIT 1))
+               ORDER BY ts DESC LIMIT 1)))
                FILTER (WHERE ts >= %(from)s) OVER w AS ema
     FROM w14
     WINDOW w AS (ORDER BY ts ROWS UNBOUNDED PRECEDING)
@@ -278,6 +284,24 @@ SELECT
     COALESCE((SELECT min(ts) FROM (
         SELECT ts FROM bars WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s
           AND ts < %(from)s ORDER BY ts DESC LIMIT {LOOKBACK_BARS}) AS lookback), %(from)s)
+"""
+# The EMA of the last bar before `to`, run from `from` on with the same step function over the
+# same closes in the same order as the window computes it: the same bits.
+_EMA_THROUGH = """
+SELECT features_ema(close, %(alpha)s, %(seed)s::float8 ORDER BY ts) FROM bars
+WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s AND ts >= %(from)s AND ts < %(to)s
+"""
+_SEED = """
+SELECT ema_20 FROM features WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s
+  AND ts < %(from)s ORDER BY ts DESC LIMIT 1
+"""
+_BARS_FROM = """
+SELECT count(*) FROM bars WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s
+  AND ts >= %(from)s
+"""
+_NTH_BAR = """
+SELECT ts FROM bars WHERE symbol = %(symbol)s AND timeframe = %(timeframe)s
+  AND ts >= %(from)s ORDER BY ts OFFSET %(offset)s LIMIT 1
 """
 # From scratch, stored rows are overwritten where they differ; rows of bars that are gone (only
 # ever deleted by hand) go, chunk by chunk: bounded on ts, both sides are pruned to the chunk's
@@ -351,9 +375,18 @@ class _Key:
         return {"symbol": self.symbol, "timeframe": self.timeframe, **more}
 
 
-def _recompute(cur: psycopg.Cursor, key: _Key, from_ms: int | None, chunk_bars: int) -> int:
+def _recompute(cur: psycopg.Cursor, key: _Key, from_ms: int | None, chunk_bars: int,
+               spare: Sequence[psycopg.Connection] = ()) -> int:
     """The features of `key` from `from_ms` to the end (None: from scratch), chunk by chunk,
-    inside the caller's transaction; then its progress row. Returns the rows written."""
+    inside the caller's transaction; then its progress row. Returns the rows written.
+
+    With `spare` connections (idle ones of the same pass) and at least SPLIT_MIN_BARS to
+    compute, the span is cut into one piece per connection: the first is computed here, each
+    other on its connection, in a transaction of its own, starting from the EMA at its first
+    bar (run over the pieces before it: the same bits). Those commit before the caller's
+    transaction does, so a caller that clears the dirty marker clears it only once every piece
+    is in; a failed piece raises here and leaves the marker, and the series is computed again.
+    """
     cur.execute(_RELAXED_COMMIT)
     start = _BEGINNING if from_ms is None else db.from_ms(from_ms)
     prev_bar, prev_feature, newest = _timestamps(cur, _PLAN, key.params(**{"from": start}))
@@ -363,12 +396,90 @@ def _recompute(cur: psycopg.Cursor, key: _Key, from_ms: int | None, chunk_bars: 
             "features before {} were never computed: computing from scratch", start)
         start = _BEGINNING
     from_scratch = start == _BEGINNING
+    cuts = _pieces(cur, key, start, 1 + len(spare)) if spare else []
+    if not cuts:
+        written = _compute_span(cur, key, start, None, newest, from_scratch, chunk_bars)
+    else:
+        seed = _first(cur, _SEED, key.params(**{"from": start}))
+        bounds = [start, *cuts, None]
+        helpers = [(conn, bounds[n], bounds[n + 1]) for n, conn in enumerate(spare[:len(cuts)],
+                                                                            start=1)]
+        written = _compute_pieces(cur, key, bounds[:2], helpers, seed, newest, from_scratch,
+                                  chunk_bars)
+    cur.execute(_PROGRESS, key.params())
+    return written
+
+
+def _pieces(cur: psycopg.Cursor, key: _Key, start: dt.datetime, count: int
+            ) -> list[dt.datetime]:
+    """Where to cut the bars from `start` on into `count` equal pieces ([] when they are too
+    few to be worth it)."""
+    bars = int(_first(cur, _BARS_FROM, key.params(**{"from": start})) or 0)
+    if count < 2 or bars < SPLIT_MIN_BARS:
+        return []
+    size = -(-bars // count)
+    return [cut for n in range(1, count) if (cut := _first(
+        cur, _NTH_BAR, key.params(**{"from": start, "offset": n * size}))) is not None]
+
+
+def _compute_pieces(cur: psycopg.Cursor, key: _Key, first: list[dt.datetime | None],
+                    helpers: list[tuple[psycopg.Connection, dt.datetime | None,
+                                        dt.datetime | None]],
+                    seed: float | None, newest: dt.datetime | None, from_scratch: bool,
+                    chunk_bars: int) -> int:
+    """The first piece on `cur`, each other on its helper connection (one thread each); the
+    helpers' transactions are committed when this returns. Returns the rows written by all."""
+    written: list[int] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    span_start = first[0]
+    assert span_start is not None
+
+    def helper(conn: psycopg.Connection, begin: dt.datetime, end: dt.datetime | None) -> None:
+        try:
+            with conn.transaction(), conn.cursor() as hcur:
+                hcur.execute(_RELAXED_COMMIT)
+                piece_seed = _first(hcur, _EMA_THROUGH, key.params(
+                    alpha=EMA_ALPHA, seed=seed, **{"from": span_start, "to": begin}))
+                rows = _compute_span(hcur, key, begin, end, newest, from_scratch, chunk_bars,
+                                     seed=piece_seed)
+            with lock:
+                written.append(rows)
+        except BaseException as exc:  # re-raised on the caller's thread
+            with lock:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=helper, args=(conn, begin, end),
+                                name=f"features-piece-{n}")
+               for n, (conn, begin, end) in enumerate(helpers, start=2)]
+    for thread in threads:
+        thread.start()
+    try:
+        own = _compute_span(cur, key, span_start, first[1], newest, from_scratch, chunk_bars)
+    finally:
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
+    return own + sum(written)
+
+
+def _compute_span(cur: psycopg.Cursor, key: _Key, start: dt.datetime, stop: dt.datetime | None,
+                  newest: dt.datetime | None, from_scratch: bool, chunk_bars: int, *,
+                  seed: float | None = None) -> int:
+    """Rows [start, stop) (stop None: to the end), chunk by chunk; the first chunk's EMA starts
+    from `seed` when given, every later one from the row before it, stored by this transaction.
+    Returns the rows written."""
     written = 0
     while True:
         end, lookback = _timestamps(cur, _CHUNK, key.params(**{"from": start,
                                                                 "chunk": chunk_bars}))
+        if stop is not None and (end is None or end > stop):
+            end = stop
         params = key.params(**{"from": start, "to": end or _END, "lookback": lookback,
-                               "alpha": EMA_ALPHA, "fresh_after": newest or _BEGINNING})
+                               "alpha": EMA_ALPHA, "fresh_after": newest or _BEGINNING,
+                               "seed": seed})
+        seed = None
         if from_scratch and newest is not None:
             cur.execute(_DELETE_ORPHANS, params)
         if newest is None or newest < start:
@@ -377,11 +488,15 @@ def _recompute(cur: psycopg.Cursor, key: _Key, from_ms: int | None, chunk_bars: 
         else:
             row = cur.execute(_MIXED, params).fetchone()
             written += int(row[0]) if row else 0
-        if end is None:
-            break
+        if end is None or end == stop:
+            return written
         start = end
-    cur.execute(_PROGRESS, key.params())
-    return written
+
+
+def _first(cur: psycopg.Cursor, query: str, params: dict[str, object]) -> Any:
+    """The first column of the first row of a query (None when there is none)."""
+    row = cur.execute(query, params).fetchone()
+    return None if row is None else row[0]
 
 
 def _timestamps(cur: psycopg.Cursor, query: str, params: dict[str, object]
@@ -515,11 +630,12 @@ def process_dirty(conn: psycopg.Connection | Sequence[psycopg.Connection], *,
     except psycopg.Error as exc:
         raise _translate(exc, "reading features_dirty") from None
 
-    def compute(conn: psycopg.Connection, key: _Key) -> None:
+    def compute(conn: psycopg.Connection, key: _Key,
+                spare: Sequence[psycopg.Connection] = ()) -> None:
         nonlocal series, rows, failed, last_error
         doing = f"computing features of {key.symbol} {key.timeframe}"
         try:
-            written = _process_series(conn, key, chunk_bars=chunk_bars)
+            written = _process_series(conn, key, chunk_bars=chunk_bars, spare=spare)
         except psycopg.errors.QueryCanceled:
             if stop():
                 return  # our own cancel: the pass ends, the claim stays
@@ -536,7 +652,11 @@ def process_dirty(conn: psycopg.Connection | Sequence[psycopg.Connection], *,
             with lock:
                 series, rows = series + 1, rows + written
 
-    _share_out(conns, keys, compute, stop)
+    if len(keys) == 1 and len(conns) > 1:
+        # One series (a deep backfill just ended): every connection computes a piece of it.
+        compute(conns[0], keys[0], conns[1:])
+    else:
+        _share_out(conns, keys, compute, stop)
     return FeaturesRun(series=series, rows=rows, seconds=time.perf_counter() - started,
                        failed=failed, last_error=last_error, stopped=stop())
 
@@ -595,9 +715,11 @@ def _claim(conn: psycopg.Connection, key: _Key) -> _Claim | None:
 
 
 def _process_series(conn: psycopg.Connection, key: _Key, *, chunk_bars: int,
-                    from_scratch: bool = False, wait: bool = False) -> int | None:
+                    from_scratch: bool = False, wait: bool = False,
+                    spare: Sequence[psycopg.Connection] = ()) -> int | None:
     """Claim, compute and clear one series (from its claim, or from scratch); the rows written,
-    or None when there was nothing to do (no marker, or another process holds the series)."""
+    or None when there was nothing to do (no marker, or another process holds the series).
+    `spare` connections compute pieces of a long span (_recompute)."""
     with _series_lock(conn, key, wait=wait) as held:
         if not held:
             return None
@@ -611,7 +733,8 @@ def _process_series(conn: psycopg.Connection, key: _Key, *, chunk_bars: int,
                 _ensure_partitions(conn, key)
             try:
                 with conn.transaction(), conn.cursor() as cur:
-                    written = _recompute(cur, key, from_ms, chunk_bars) if compute else 0
+                    written = (_recompute(cur, key, from_ms, chunk_bars, spare)
+                               if compute else 0)
                     if claim is not None:
                         cur.execute(_CLEAR, key.params(generation=claim.generation))
                         if cur.rowcount == 0:  # touched since the claim: keep what is dirty
@@ -667,24 +790,30 @@ def rebuild(url: str, *, symbol: str | None = None, timeframe: str | None = None
         first = stack.enter_context(closing(db.connect(url, autocommit=True)))
         series = [_Key(s, tf) for s, tf in first.execute(
             _SERIES, {"symbol": symbol, "timeframe": timeframe}).fetchall()]
+        # One series: every connection computes a piece of it; else each its own series.
+        wanted = jobs if len(series) == 1 else min(jobs, len(series))
         conns = [first] + [stack.enter_context(closing(db.connect(url, autocommit=True)))
-                           for _ in range(1, min(jobs, len(series)))]
+                           for _ in range(1, wanted)]
         total = len(series)
         lock = threading.Lock()
         done = rows = 0
         if progress is not None:
             progress(0, total)
 
-        def compute(conn: psycopg.Connection, key: _Key) -> None:
+        def compute(conn: psycopg.Connection, key: _Key,
+                    spare: Sequence[psycopg.Connection] = ()) -> None:
             nonlocal done, rows
             written = _process_series(conn, key, chunk_bars=chunk_bars,
-                                      from_scratch=True, wait=True) or 0
+                                      from_scratch=True, wait=True, spare=spare) or 0
             with lock:
                 done, rows = done + 1, rows + written
                 if progress is not None:
                     progress(done, total)
 
-        _share_out(conns, series, compute)
+        if len(series) == 1 and len(conns) > 1:
+            compute(conns[0], series[0], conns[1:])
+        else:
+            _share_out(conns, series, compute)
     return rows
 
 

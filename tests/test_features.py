@@ -493,6 +493,82 @@ def test_two_connections_compute_two_series_at_once(database: str) -> None:
     assert dirty(database) == {}
 
 
+def _record_pieces(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every span computed from now on: (the computing thread's name, its first bar's ms)."""
+    spans: list[tuple[str, int]] = []
+    real = features._compute_span
+
+    def recording(cur: psycopg.Cursor, key: object, start: dt.datetime, *args: object,
+                  **kwargs: object) -> int:
+        spans.append((threading.current_thread().name, db.to_ms(start)))
+        return real(cur, key, start, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(features, "_compute_span", recording)
+    return spans
+
+
+def test_one_series_is_split_across_the_connections_with_the_same_bits(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(features, "SPLIT_MIN_BARS", 100)
+    bars = truth_bars("X:BTCUSD", "1h", 40)  # 960 bars: 3 pieces of 320, chunks of 97
+    write_page(database, "X:BTCUSD", "1h", bars)
+    spans = _record_pieces(monkeypatch)
+    with (db.connect(database, autocommit=True) as one,
+          db.connect(database, autocommit=True) as two,
+          db.connect(database, autocommit=True) as three):
+        run = process_dirty([one, two, three], chunk_bars=97)
+        assert (run.series, run.rows, run.failed) == (1, len(bars), 0)
+        assert sorted(spans) == sorted([
+            (threading.current_thread().name, bars[0][0]),
+            ("features-piece-2", bars[320][0]), ("features-piece-3", bars[640][0])])
+        split = stored(database, "X:BTCUSD", "1h")
+        assert dirty(database) == {}
+        assert_matches(split, reference(bars))
+
+        # A revision in the first piece: recomputed from there, split again.
+        revised = list(bars)
+        t, o, h, lo, c, v = revised[100]
+        revised[100] = (t, o, h * 1.01, lo, c * 1.01, v)
+        write_page(database, "X:BTCUSD", "1h", revised[100:101])
+        spans.clear()
+        run = process_dirty([one, two, three], chunk_bars=97)
+        assert run.series == 1 and len(spans) == 3 and dirty(database) == {}
+        incremental = stored(database, "X:BTCUSD", "1h")
+
+    with psycopg.connect(database) as conn:
+        conn.execute("DELETE FROM features")
+    assert compute(database, "X:BTCUSD", "1h") == len(bars)  # one connection, one piece
+    assert stored(database, "X:BTCUSD", "1h") == incremental  # the same bits
+    assert_matches(incremental, reference(revised))
+    features.rebuild(database, jobs=3)  # one series: split too
+    assert stored(database, "X:BTCUSD", "1h") == incremental
+
+
+def test_a_failed_piece_keeps_the_marker(database: str, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    monkeypatch.setattr(features, "SPLIT_MIN_BARS", 100)
+    bars = truth_bars("AAPL", "1h", 30)
+    write_page(database, "AAPL", "1h", bars)
+    real = features._compute_span
+
+    def failing(cur: psycopg.Cursor, *args: object, **kwargs: object) -> int:
+        if threading.current_thread().name.startswith("features-piece"):
+            raise psycopg.errors.DivisionByZero("a piece fails")
+        return real(cur, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(features, "_compute_span", failing)
+    with (db.connect(database, autocommit=True) as one,
+          db.connect(database, autocommit=True) as two):
+        run = process_dirty([one, two])
+        assert (run.series, run.failed) == (0, 1) and "a piece fails" in (run.last_error or "")
+        assert ("AAPL", "1h") in dirty(database)  # the marker stays: computed again later
+        assert stored(database, "AAPL", "1h") == []  # the first piece rolled back with it
+        monkeypatch.setattr(features, "_compute_span", real)
+        run = process_dirty([one, two])
+    assert (run.series, run.failed) == (1, 0) and dirty(database) == {}
+    assert_matches(stored(database, "AAPL", "1h"), reference(bars))
+
+
 def test_a_lost_connection_of_several_ends_the_pass(database: str) -> None:
     write_page(database, "A", "1d", synthetic([10.0, 11.0]))
     write_page(database, "B", "1d", synthetic([10.0, 12.0]))
