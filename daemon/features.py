@@ -35,10 +35,10 @@ How it stays fresh, without ever making the writer wait:
         2. compute (one transaction) recompute from claimed_from to the end; then delete the
                    marker if its generation is unchanged, else only clear the claim: what the
                    pages committed meanwhile touched is in from_ts, and only that is redone
-A series dirtied by 30 pages is computed once. A pass with a single long series to compute
-splits it into pieces, one per connection (_recompute). The claim is durable, so a crash mid-computation
-loses nothing; and a backfill whose pages keep arriving while the task computes recomputes each
-page once, not everything since the first unserved page. A per-series advisory lock keeps two
+A series dirtied by 30 pages is computed once; a pass with a single long series to compute
+splits it into pieces, one per connection (_recompute). The claim is durable, so a crash
+mid-computation loses nothing; and a backfill whose pages keep arriving while the task
+computes recomputes each page once, not everything since the first unserved page. A per-series advisory lock keeps two
 daemons sharing a database (or a `features rebuild`) from computing one series at once.
 
 A recomputation from bar B reads the 49 bars before B (the widest window is 50 bars) and carries

@@ -17,8 +17,8 @@ names):
   e2e       12 symbols x 5m x 2 years (~1.1 M bars), no latency, unlimited rate: the daemon's
             bars/s (features always run: there is no switch) / a bare binary COPY of the same
             rows into a plain table with the same primary key
-  rss       peak RSS of `run --once` (the child's VmHWM, sampled every 20 ms) for 4 years / 1 year of
-            5m + 1h history of 2 symbols
+  rss       peak RSS of `run --once` (the child's VmHWM, sampled every 20 ms) for 4 years /
+            1 year of 5m + 1h history of 2 symbols
   demo      `backfilld demo` wall / its request bound (requests sent / the demo's rate)
   fixed     `python -m daemon --help` (median of 5) and a `run --once` with nothing to do
   status    scripts/loadtest.py --clients 50 --seconds 10 during a backfill: p50/p99
