@@ -38,8 +38,9 @@ How it stays fresh, without ever making the writer wait:
 A series dirtied by 30 pages is computed once; a pass with a single long series to compute
 splits it into pieces, one per connection (_recompute). The claim is durable, so a crash
 mid-computation loses nothing; and a backfill whose pages keep arriving while the task
-computes recomputes each page once, not everything since the first unserved page. A per-series advisory lock keeps two
-daemons sharing a database (or a `features rebuild`) from computing one series at once.
+computes recomputes each page once, not everything since the first unserved page. A
+per-series advisory lock keeps two daemons sharing a database (or a `features rebuild`) from
+computing one series at once.
 
 A recomputation from bar B reads the 49 bars before B (the widest window is 50 bars) and carries
 the EMA from the stored feature row of the bar just before B; if that row is missing (features
