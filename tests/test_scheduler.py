@@ -26,7 +26,7 @@ from daemon.polygon import ClientStatistics, Page
 from daemon.scheduler import Scheduler
 from daemon.spans import EMPTY, spans
 from daemon.timeframes import Timeframe, parse_timeframe
-from daemon.writer import JobFinished, PageWrite, open_writer_channel
+from daemon.writer import JobFinished, Message, PageWrite, open_writer_channel
 
 from .writing import acknowledge, row_times
 
@@ -388,22 +388,9 @@ async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
     written: list[int] = []
     covered: list[tuple[int, int]] = []
 
-    async def collect() -> None:
-        async with receive:
-            async for message in receive:
-                if isinstance(message, PageWrite):
-                    written.extend(row_times(message.rows))
-                    covered.append(message.span)
-                    message.receipt.bars_written += message.rows.count
-                elif isinstance(message, JobFinished):
-                    message.receipt.outcome = JobOutcome.decide(
-                        fetch_error=message.fetch.error, write_error=None,
-                        cancelled=message.fetch.cancelled)
-                    message.receipt.finished.set()
-
     t0 = trio.current_time()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect)
+        nursery.start_soon(_accept_pages, receive, written, covered)
         cycle = await sched.run(once=True)
     wall = trio.current_time() - t0
     assert cycle is not None and cycle.ok
@@ -419,6 +406,23 @@ async def test_a_deep_series_is_fetched_in_parallel_sub_ranges(
     assert deferrals == [(SeriesKey("SPY", "5m"), True), (SeriesKey("SPY", "5m"), False)]
 
 
+async def _accept_pages(receive: trio.MemoryReceiveChannel[Message], written: list[int],
+                        covered: list[tuple[int, int]]) -> None:
+    """A writer that commits nothing: records each page's bar times and span, and settles
+    the receipts as the real writer would."""
+    async with receive:
+        async for message in receive:
+            if isinstance(message, PageWrite):
+                written.extend(row_times(message.rows))
+                covered.append(message.span)
+                message.receipt.bars_written += message.rows.count
+            elif isinstance(message, JobFinished):
+                message.receipt.outcome = JobOutcome.decide(
+                    fetch_error=message.fetch.error, write_error=None,
+                    cancelled=message.fetch.cancelled)
+                message.receipt.finished.set()
+
+
 async def test_deep_series_splitting_at_once_share_the_in_flight_cap(
         autojump_clock: trio.abc.Clock) -> None:
     cfg = config("[polygon]\nrequests_per_minute = 0\n", symbols=["SPY", "QQQ"],
@@ -431,20 +435,8 @@ async def test_deep_series_splitting_at_once_share_the_in_flight_cap(
                       today=lambda: TODAY)
     written: list[int] = []
 
-    async def collect() -> None:
-        async with receive:
-            async for message in receive:
-                if isinstance(message, PageWrite):
-                    written.extend(row_times(message.rows))
-                    message.receipt.bars_written += message.rows.count
-                elif isinstance(message, JobFinished):
-                    message.receipt.outcome = JobOutcome.decide(
-                        fetch_error=message.fetch.error, write_error=None,
-                        cancelled=message.fetch.cancelled)
-                    message.receipt.finished.set()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect)
+        nursery.start_soon(_accept_pages, receive, written, [])
         cycle = await sched.run(once=True)
     assert cycle is not None and cycle.ok
     # every walker may hold a page: all of them together, not each series, stay within 16

@@ -117,8 +117,10 @@ class StatusApp:
         self._staleness: Cached[dict[str, Any]] = Cached(ttl, self._read_staleness, nursery)
         self._history: dict[int, Cached[list[dict[str, Any]]]] = {}
         self._started_at: float | None = None
-        self._rendered: dict[str, tuple[float, Response]] = {}
-        self._building: dict[str, trio.Event] = {}
+        # No nursery: an exposition is never served older than render_seconds, and the
+        # requests that find it too old share the one rendering in progress.
+        self._metrics: Cached[Response] = Cached(options.render_seconds, self._render_metrics,
+                                                 None)
         self._routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/": self.dashboard,
             "/dashboard": self.dashboard,
@@ -173,30 +175,6 @@ class StatusApp:
         return await self._in_thread(staleness_report, self._db_url, snap.config,
                                      int(snap.wall * 1000))
 
-    # --- the metrics exposition, reused for render_seconds -------------------------------
-
-    async def _reused(self, key: str, build: Callable[[], Awaitable[Response]]) -> Response:
-        """The answer `build` gave for `key` less than `render_seconds` ago, else a new one;
-        requests arriving while it is built wait for that one rather than build their own."""
-        if self._options.render_seconds <= 0:
-            return await build()
-        while True:
-            hit = self._rendered.get(key)
-            if hit is not None and trio.current_time() - hit[0] < self._options.render_seconds:
-                return hit[1]
-            building = self._building.get(key)
-            if building is None:
-                break
-            await building.wait()  # then: its answer, or (it failed) build again
-        self._building[key] = done = trio.Event()
-        try:
-            response = await build()
-            self._rendered[key] = (trio.current_time(), response)
-        finally:
-            del self._building[key]
-            done.set()
-        return response
-
     # --- endpoints -----------------------------------------------------------------------
 
     async def dashboard(self, request: Request) -> Response:
@@ -220,16 +198,18 @@ class StatusApp:
         return _json(status_report(self._snapshot()))
 
     async def prometheus(self, request: Request) -> Response:
-        async def build() -> Response:
-            ready = await self._ready.get()
-            staleness = await self._staleness.get()
-            series = None if staleness.value is None else series_metrics(staleness.value)
-            snap = self._snapshot()
-            health = scheduler_health(snap, ready.error)["status"]
-            body = render(snap, database_ready=ready.error is None, series=series,
-                          health=health)
-            return Response(200, {"content-type": CONTENT_TYPE}, body)
-        return await self._reused("metrics", build)
+        exposition = (await self._metrics.get()).value
+        assert exposition is not None  # _render_metrics always has one
+        return exposition
+
+    async def _render_metrics(self) -> Outcome[Response]:
+        ready = await self._ready.get()
+        staleness = await self._staleness.get()
+        series = None if staleness.value is None else series_metrics(staleness.value)
+        snap = self._snapshot()
+        health = scheduler_health(snap, ready.error)["status"]
+        body = render(snap, database_ready=ready.error is None, series=series, health=health)
+        return Outcome(Response(200, {"content-type": CONTENT_TYPE}, body), None)
 
     async def scheduler_health(self, request: Request) -> Response:
         ready = await self._ready.get()
