@@ -65,6 +65,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager, suppress
+from functools import partial
 from typing import Any
 
 import attrs
@@ -402,11 +403,7 @@ def _recompute(cur: psycopg.Cursor, key: _Key, from_ms: int | None, chunk_bars: 
     if not cuts:
         written = _compute_span(cur, key, start, None, newest, from_scratch, chunk_bars)
     else:
-        seed = _first(cur, _SEED, key.params(**{"from": start}))
-        bounds = [start, *cuts, None]
-        helpers = [(conn, bounds[n], bounds[n + 1]) for n, conn in enumerate(spare[:len(cuts)],
-                                                                            start=1)]
-        written = _compute_pieces(cur, key, bounds[:2], helpers, seed, newest, from_scratch,
+        written = _compute_pieces(cur, key, start, cuts, spare, newest, from_scratch,
                                   chunk_bars)
     cur.execute(_PROGRESS, key.params())
     return written
@@ -424,46 +421,32 @@ def _pieces(cur: psycopg.Cursor, key: _Key, start: dt.datetime, count: int
         cur, _NTH_BAR, key.params(**{"from": start, "offset": n * size}))) is not None]
 
 
-def _compute_pieces(cur: psycopg.Cursor, key: _Key, first: list[dt.datetime | None],
-                    helpers: list[tuple[psycopg.Connection, dt.datetime | None,
-                                        dt.datetime | None]],
-                    seed: float | None, newest: dt.datetime | None, from_scratch: bool,
-                    chunk_bars: int) -> int:
-    """The first piece on `cur`, each other on its helper connection (one thread each); the
-    helpers' transactions are committed when this returns. Returns the rows written by all."""
+def _compute_pieces(cur: psycopg.Cursor, key: _Key, start: dt.datetime,
+                    cuts: list[dt.datetime], spare: Sequence[psycopg.Connection],
+                    newest: dt.datetime | None, from_scratch: bool, chunk_bars: int) -> int:
+    """[start, cuts[0]) on `cur`, each later piece on a spare connection (one thread each);
+    the spare connections' transactions are committed when this returns. Returns the rows
+    written by all."""
+    seed = _first(cur, _SEED, key.params(**{"from": start}))
+    bounds: list[dt.datetime | None] = [*cuts, None]
     written: list[int] = []
-    failures: list[BaseException] = []
-    lock = threading.Lock()
-    span_start = first[0]
-    assert span_start is not None
 
     def helper(conn: psycopg.Connection, begin: dt.datetime, end: dt.datetime | None) -> None:
-        try:
-            with conn.transaction(), conn.cursor() as hcur:
-                hcur.execute(_RELAXED_COMMIT)
-                piece_seed = _first(hcur, _EMA_THROUGH, key.params(
-                    alpha=EMA_ALPHA, seed=seed, **{"from": span_start, "to": begin}))
-                rows = _compute_span(hcur, key, begin, end, newest, from_scratch, chunk_bars,
-                                     seed=piece_seed)
-            with lock:
-                written.append(rows)
-        except BaseException as exc:  # re-raised on the caller's thread
-            with lock:
-                failures.append(exc)
+        with conn.transaction(), conn.cursor() as hcur:
+            hcur.execute(_RELAXED_COMMIT)
+            piece_seed = _first(hcur, _EMA_THROUGH, key.params(
+                alpha=EMA_ALPHA, seed=seed, **{"from": start, "to": begin}))
+            written.append(_compute_span(hcur, key, begin, end, newest, from_scratch,
+                                         chunk_bars, seed=piece_seed))
 
-    threads = [threading.Thread(target=helper, args=(conn, begin, end),
-                                name=f"features-piece-{n}")
-               for n, (conn, begin, end) in enumerate(helpers, start=2)]
-    for thread in threads:
-        thread.start()
-    try:
-        own = _compute_span(cur, key, span_start, first[1], newest, from_scratch, chunk_bars)
-    finally:
-        for thread in threads:
-            thread.join()
-    if failures:
-        raise failures[0]
-    return own + sum(written)
+    def own() -> None:
+        written.append(_compute_span(cur, key, start, cuts[0], newest, from_scratch,
+                                     chunk_bars))
+
+    pieces = [(f"features-piece-{n}", partial(helper, conn, cuts[n - 2], bounds[n - 1]))
+              for n, conn in enumerate(spare[:len(cuts)], 2)]
+    _in_threads(own, pieces, [])
+    return sum(written)
 
 
 def _compute_span(cur: psycopg.Cursor, key: _Key, start: dt.datetime, stop: dt.datetime | None,
@@ -686,12 +669,27 @@ def _share_out(conns: Sequence[psycopg.Connection], keys: Iterable[_Key],
                     failures.append(exc)
                 return
 
-    threads = [threading.Thread(target=work, args=(conn,), name=f"features-{n}")
-               for n, conn in enumerate(conns[1:], start=2)]
+    others = [(f"features-{n}", partial(work, conn)) for n, conn in enumerate(conns[1:], 2)]
+    _in_threads(partial(work, conns[0]), others, failures)
+
+
+def _in_threads(own: Callable[[], None], others: Iterable[tuple[str, Callable[[], None]]],
+                failures: list[BaseException]) -> None:
+    """`own` on the caller's thread, each of `others` on a thread of that name; returns once
+    all are done. An exception of `own` is raised as it is; one of the others is appended to
+    `failures` (where the others may look for it) and the first there is raised."""
+
+    def guarded(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # re-raised on the caller's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(fn,), name=name) for name, fn in others]
     for thread in threads:
         thread.start()
     try:
-        work(conns[0])
+        own()
     finally:
         for thread in threads:
             thread.join()
