@@ -59,20 +59,34 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                         "longer than this; by default an outage is waited out however long")
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (default 8 per core, one per thread that allocates): pages are
-    decoded, encoded and written in worker threads, and each arena keeps its high-water mark,
-    so RSS would grow with how many threads ever touched a page rather than with the work.
-    Measured: 110 MB -> 96 MB peak for 4 years of 5m + 1h (2 symbols). No-op off glibc."""
+# Allocations from this size up are mmapped, and given back to the OS when freed.
+MMAP_THRESHOLD = 256 * 1024
+
+
+def _tune_malloc(arenas: int = 2) -> None:
+    """Keep glibc's heap from growing with the length of a backfill. No-op off glibc, and for
+    either knob its environment variable (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_) wins.
+
+    - Arenas capped (default 8 per core, one per thread that allocates): pages are decoded,
+      encoded and written in worker threads, and each arena keeps its high-water mark.
+      Measured: 110 MB -> 96 MB peak for 4 years of 5m + 1h (2 symbols).
+    - A fixed mmap threshold: by default glibc raises it to the size of each mmapped block
+      freed, so once a page body (~1 MB) is freed, later bodies and COPY buffers come from the
+      heap, which fragments and is never given back: RSS grew with the pages a run had seen.
+      Measured: 75 -> 66 MiB peak for those 4 years, against 65 MiB for 1 year.
+    """
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if not name or os.environ.get("MALLOC_ARENA_MAX"):
+    if not name:
         return
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+        if not os.environ.get("MALLOC_ARENA_MAX"):
+            libc.mallopt(-8, arenas)  # M_ARENA_MAX
+        if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+            libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -80,7 +94,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import faulthandler
 
-    _limit_malloc_arenas()
+    _tune_malloc()
 
     from loguru import logger
 

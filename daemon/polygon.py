@@ -54,7 +54,7 @@ from .errors import (
     RateLimited,
     redact,
 )
-from .ratelimit import RateLimiter
+from .ratelimit import Grant, RateLimiter
 from .retrying import Backoff, retrying
 from .splits import Split, decode_splits
 from .timeframes import Timeframe
@@ -88,10 +88,34 @@ class _Envelope(Protocol):
 
 _D = TypeVar("_D", bound=_Envelope)
 
-# Worker threads decoding pages: the decode holds the GIL, so more threads buy nothing.
-_DECODE_THREADS = trio.CapacityLimiter(2)
+# Worker threads decoding pages: the decode holds the GIL, so more threads buy nothing (two
+# measured no faster end to end, and each holds a page's bars as objects while it works).
+DECODE_THREADS = 1
+_DECODE_THREADS = trio.CapacityLimiter(DECODE_THREADS)
+# Response bodies read into memory at once: one per decode thread, and as many again read
+# ahead so a thread never waits. The other requests in flight keep their bodies in the
+# kernel's socket buffers (the server's send waits), so memory does not grow with how many
+# ranges are walked at once, nor with max_in_flight.
+BODIES_IN_MEMORY = 2 * DECODE_THREADS
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
+
+
+class _BodySlot:
+    """One attempt's claim on the client's BODIES_IN_MEMORY, taken at most once and given back
+    at most once (the attempt may end before it ever read a body)."""
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self._limiter, self._held = limiter, False
+
+    async def acquire(self) -> None:
+        await self._limiter.acquire_on_behalf_of(self)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter.release_on_behalf_of(self)
 
 
 @attrs.frozen
@@ -197,6 +221,7 @@ class PolygonClient:
         self._config = config
         self._retry = retry
         self._limiter = limiter
+        self._bodies = trio.CapacityLimiter(BODIES_IN_MEMORY)
         # No breaker given: one that never opens (every failure is charged to its page).
         self._breaker = breaker or CircuitBreaker(threshold=sys.maxsize)
         self._transport = transport
@@ -471,36 +496,47 @@ class PolygonClient:
         """One HTTP attempt under the limiter: send, read the whole body, check, decode (in a
         worker thread: a 50,000-bar page is tens of ms of CPU the event loop should not wait
         on)."""
-        config, http, auth = self._config, self._http, self._auth
         async with self._limiter.request() as grant:
             self._total_requests += 1
-            sent = trio.current_time()
+            body_slot = _BodySlot(self._bodies)
             try:
-                response, body = await self._exchange(http, auth, url, config.timeout_seconds)
+                return await self._answer(grant, url, decode, retry, body_slot)
             finally:
-                self._request_seconds += trio.current_time() - sent
-            raw_bytes = response.num_bytes_downloaded or len(body)
-            self._bytes += raw_bytes
-            status = response.status_code
-            retry_after = _retry_after(response.headers.get("retry-after"), retry.max_seconds)
-            if status == 429:
-                self._rate_limited += 1
-                self._limiter.on_rate_limited(retry_after, grant=grant)
-                wait = f" (Retry-After {retry_after:g} s)" if retry_after is not None else ""
-                raise RateLimited(self._scrub(f"HTTP 429{wait}: {_snippet(body)}"),
-                                  retry_after=retry_after)
-            if not 200 <= status < 300:
-                raise self._status_error(status, response.reason_phrase, body, retry_after)
-            self._limiter.on_success(grant=grant)
-            declared = _content_length(response)
-            if declared is not None and raw_bytes < declared:
-                raise BadResponse(f"body cut off: {raw_bytes} of {declared} bytes")
-            # Decoded while the in-flight slot is held: the raw bodies waiting for a decode
-            # thread stay within max_in_flight, however many ranges are walked at once.
-            try:
-                decoded = await trio.to_thread.run_sync(decode, body, limiter=_DECODE_THREADS)
-            except BadResponse as exc:
-                raise BadResponse(self._scrub(exc.message)) from None
+                body_slot.release()
+
+    async def _answer(self, grant: Grant, url: httpx.URL, decode: Callable[[bytes], _D],
+                      retry: RetryConfig, body_slot: _BodySlot) -> tuple[_D, int]:
+        """The attempt's exchange, checked and decoded; its body holds `body_slot` from the
+        moment it is read (by `_exchange`) until it is decoded."""
+        config = self._config
+        sent = trio.current_time()
+        try:
+            response, body = await self._exchange(self._http, self._auth, url,
+                                                  config.timeout_seconds, body_slot)
+        finally:
+            self._request_seconds += trio.current_time() - sent
+        raw_bytes = response.num_bytes_downloaded or len(body)
+        self._bytes += raw_bytes
+        status = response.status_code
+        retry_after = _retry_after(response.headers.get("retry-after"), retry.max_seconds)
+        if status == 429:
+            self._rate_limited += 1
+            self._limiter.on_rate_limited(retry_after, grant=grant)
+            wait = f" (Retry-After {retry_after:g} s)" if retry_after is not None else ""
+            raise RateLimited(self._scrub(f"HTTP 429{wait}: {_snippet(body)}"),
+                              retry_after=retry_after)
+        if not 200 <= status < 300:
+            raise self._status_error(status, response.reason_phrase, body, retry_after)
+        self._limiter.on_success(grant=grant)
+        declared = _content_length(response)
+        if declared is not None and raw_bytes < declared:
+            raise BadResponse(f"body cut off: {raw_bytes} of {declared} bytes")
+        # Decoded while the body slot is held: the raw bodies in memory stay within
+        # BODIES_IN_MEMORY, however many ranges are walked at once.
+        try:
+            decoded = await trio.to_thread.run_sync(decode, body, limiter=_DECODE_THREADS)
+        except BadResponse as exc:
+            raise BadResponse(self._scrub(exc.message)) from None
         if decoded.status in OK_STATUSES:
             if decoded.results_null:
                 raise BadResponse('"results": null (the API does this under load)')
@@ -523,9 +559,11 @@ class PolygonClient:
         return BadResponse(message)
 
     async def _exchange(
-        self, http: httpx.AsyncClient, auth: httpx.Auth, url: httpx.URL, seconds: float
+        self, http: httpx.AsyncClient, auth: httpx.Auth, url: httpx.URL, seconds: float,
+        body_slot: _BodySlot,
     ) -> tuple[httpx.Response, bytes]:
-        """Send and read the whole body within `seconds`; httpx errors become ours here.
+        """Send, then (once `body_slot` is ours) read the whole body, within `seconds`; httpx
+        errors become ours here.
 
         Error handling: ours are raised outside the `except` blocks, so they carry no
         `__context__`: no httpx exception (whose request holds the Authorization header)
@@ -537,7 +575,11 @@ class PolygonClient:
                 request = http.build_request("GET", url, timeout=httpx.Timeout(seconds))
                 response = await http.send(request, auth=auth, stream=True)
                 try:
-                    body = await response.aread()
+                    await body_slot.acquire()
+                    # Not response.aread(): that keeps the body in the response, and a response
+                    # is in a reference cycle (its stream points back at it), so every body
+                    # would live until the cyclic GC's next full pass, not until decoded.
+                    body = b"".join([chunk async for chunk in response.aiter_bytes()])
                 finally:
                     await response.aclose()
                 return response, body
