@@ -616,7 +616,7 @@ def process_dirty(conn: psycopg.Connection | Sequence[psycopg.Connection], *,
         raise _translate(exc, "reading features_dirty") from None
 
     def compute(conn: psycopg.Connection, key: _Key,
-                spare: Sequence[psycopg.Connection] = ()) -> None:
+                spare: Sequence[psycopg.Connection]) -> None:
         nonlocal series, rows, failed, last_error
         doing = f"computing features of {key.symbol} {key.timeframe}"
         try:
@@ -637,21 +637,24 @@ def process_dirty(conn: psycopg.Connection | Sequence[psycopg.Connection], *,
             with lock:
                 series, rows = series + 1, rows + written
 
-    if len(keys) == 1 and len(conns) > 1:
-        # One series (a deep backfill just ended): every connection computes a piece of it.
-        compute(conns[0], keys[0], conns[1:])
-    else:
-        _share_out(conns, keys, compute, stop)
+    _share_out(conns, keys, compute, stop)
     return FeaturesRun(series=series, rows=rows, seconds=time.perf_counter() - started,
                        failed=failed, last_error=last_error, stopped=stop())
 
 
-def _share_out(conns: Sequence[psycopg.Connection], keys: Iterable[_Key],
-               compute: Callable[[psycopg.Connection, _Key], None],
+def _share_out(conns: Sequence[psycopg.Connection], keys: Sequence[_Key],
+               compute: Callable[[psycopg.Connection, _Key, Sequence[psycopg.Connection]], None],
                stop: Callable[[], bool] = lambda: False) -> None:
-    """`compute(conn, key)` for every key until `stop()`, each connection taking the next key
-    when it is free: one thread per connection beyond the first, which runs on the caller's
-    thread. The first exception stops the others after their current key and is raised."""
+    """`compute(conn, key, spare)` for every key until `stop()`, each connection taking the next
+    key when it is free: one thread per connection beyond the first, which runs on the caller's
+    thread. The first exception stops the others after their current key and is raised.
+
+    One key and several connections (a deep backfill just ended, a rebuild of one series): the
+    first connection computes it with the others as `spare`, each computing a piece of it
+    (_recompute); else every key is computed with no spare."""
+    if len(keys) == 1 and len(conns) > 1:
+        compute(conns[0], keys[0], conns[1:])
+        return
     todo = iter(keys)
     lock = threading.Lock()
     failures: list[BaseException] = []
@@ -663,7 +666,7 @@ def _share_out(conns: Sequence[psycopg.Connection], keys: Iterable[_Key],
             if key is None:
                 return
             try:
-                compute(conn, key)
+                compute(conn, key, ())
             except BaseException as exc:  # re-raised on the caller's thread
                 with lock:
                     failures.append(exc)
@@ -801,7 +804,7 @@ def rebuild(url: str, *, symbol: str | None = None, timeframe: str | None = None
             progress(0, total)
 
         def compute(conn: psycopg.Connection, key: _Key,
-                    spare: Sequence[psycopg.Connection] = ()) -> None:
+                    spare: Sequence[psycopg.Connection]) -> None:
             nonlocal done, rows
             written = _process_series(conn, key, chunk_bars=chunk_bars,
                                       from_scratch=True, wait=True, spare=spare) or 0
@@ -810,10 +813,7 @@ def rebuild(url: str, *, symbol: str | None = None, timeframe: str | None = None
                 if progress is not None:
                     progress(done, total)
 
-        if len(series) == 1 and len(conns) > 1:
-            compute(conns[0], series[0], conns[1:])
-        else:
-            _share_out(conns, series, compute)
+        _share_out(conns, series, compute)
     return rows
 
 
