@@ -16,6 +16,7 @@ loop stays responsive while a 50,000-bar page is decoded.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections import Counter
@@ -93,10 +94,14 @@ class Quarantined:
 
 @attrs.frozen
 class CopyRows:
-    """A page's valid bars as the writer's stage takes them: PostgreSQL binary COPY rows of
-    `(ts_ms, open, high, low, close, volume, vwap, trades)`, without the file header.
+    """A page's valid bars as `bars` takes them: PostgreSQL binary COPY rows of `(symbol,
+    timeframe, ts, open, high, low, close, volume, vwap, trades)`, without the file header.
 
-    Why bytes and not Bar objects: a 10,000-bar page is ~0.8 MB this way and ~3 MB as Python
+    Rows of `bars` itself, so the writer copies a page of new bars straight into the table
+    (no stage, no INSERT ... SELECT: measured ~20 % less server time per bar), and into its
+    stage only when the page may overlap stored bars (the upsert).
+
+    Why bytes and not Bar objects: a 10,000-bar page is ~1 MB this way and ~3 MB as Python
     objects, and it waits in the writer's queue; and the encoding (a Python call per bar) is
     done here, in the decoding worker thread, not on the writer's critical path.
     """
@@ -105,6 +110,7 @@ class CopyRows:
     first_t: int  # the first and last bar's t (ascending pages: the span's ends)
     last_t: int
     payload: bytes | bytearray = attrs.field(repr=lambda payload: f"<{len(payload)} bytes>")
+    series: tuple[str, str] = ("", "")  # the (symbol, timeframe) the rows carry
 
     @property
     def empty(self) -> bool:
@@ -124,8 +130,9 @@ class DecodedPage:
     rows: CopyRows | None = None
 
 
-def decode_page(body: bytes, from_ms: int, to_ms: int) -> DecodedPage:
-    """Decode an aggregates body and judge each bar against `[from_ms, to_ms]`.
+def decode_page(body: bytes, from_ms: int, to_ms: int, *, symbol: str,
+                timeframe: str) -> DecodedPage:
+    """Decode an aggregates body of one series and judge each bar against `[from_ms, to_ms]`.
 
     Error handling: BadResponse when the body is not JSON or not the aggregates shape.
     """
@@ -157,7 +164,7 @@ def decode_page(body: bytes, from_ms: int, to_ms: int) -> DecodedPage:
     if results is None:
         return DecodedPage(status, next_url, [], (), True, message)
     good, bad = check_bars(results, from_ms, to_ms)
-    rows, unfit = encode_copy_rows(good)
+    rows, unfit = encode_copy_rows(good, symbol, timeframe)
     if unfit:  # a value PostgreSQL cannot hold (a trade count past int8): that bar only
         good = [b for b in good if b not in unfit]
         bad += [Quarantined(b.t, _raw_text(_ENCODE.encode(b)), "a value out of range for "
@@ -165,25 +172,37 @@ def decode_page(body: bytes, from_ms: int, to_ms: int) -> DecodedPage:
     return DecodedPage(status, next_url, good, (*quarantined, *bad), False, message, rows)
 
 
-# One struct per null pattern of (vwap, trades): a row is one pack() call.
-_ROW_HEAD = ">hiqididididid"  # field count, then (length, value) for t, o, h, l, c, v
-_ROW = {
-    (True, True): struct.Struct(_ROW_HEAD + "idiq"),
-    (True, False): struct.Struct(_ROW_HEAD + "idi"),
-    (False, True): struct.Struct(_ROW_HEAD + "iiq"),
-    (False, False): struct.Struct(_ROW_HEAD + "ii"),
-}
+# A binary timestamptz is microseconds since 2000-01-01 UTC; a bar's t is Unix milliseconds.
+_PG_EPOCH_US = 946_684_800_000_000
 _NULL = -1
 
 
-def encode_copy_rows(bars: list[Bar]) -> tuple[CopyRows, list[Bar]]:
-    """The binary COPY rows of `bars`, and the bars that cannot be encoded (left out).
+@functools.lru_cache(maxsize=64)
+def _row_structs(symbol: bytes, timeframe: bytes) -> dict[tuple[bool, bool], struct.Struct]:
+    """One struct per null pattern of (vwap, trades) for one series: a row is one pack() call.
+    The series' two text fields lead each row, their lengths and bytes fixed in the format."""
+    head = (f">hi{len(symbol)}si{len(timeframe)}s"  # field count, symbol, timeframe
+            "iqididididid")  # then (length, value) for ts, o, h, l, c, v
+    return {(True, True): struct.Struct(head + "idiq"),
+            (True, False): struct.Struct(head + "idi"),
+            (False, True): struct.Struct(head + "iiq"),
+            (False, False): struct.Struct(head + "ii")}
+
+
+def encode_copy_rows(bars: list[Bar], symbol: str, timeframe: str
+                     ) -> tuple[CopyRows, list[Bar]]:
+    """The binary COPY rows of `bars` of one series, and the bars that cannot be encoded (left
+    out).
 
     The buffer is sized exactly first, then filled with `pack_into`: one allocation per page,
     not a growing buffer reallocated as it fills (which fragments the heap of a long run).
     """
-    sizes = {key: st.size for key, st in _ROW.items()}
-    packs = {key: st.pack_into for key, st in _ROW.items()}
+    sym, tf = symbol.encode(), timeframe.encode()
+    structs = _row_structs(sym, tf)
+    sizes = {key: st.size for key, st in structs.items()}
+    packs = {key: st.pack_into for key, st in structs.items()}
+    ns, nt = len(sym), len(tf)
+    epoch = _PG_EPOCH_US
     total = 0
     for bar in bars:
         total += sizes[bar.vw is not None, bar.n is not None]
@@ -193,19 +212,20 @@ def encode_copy_rows(bars: list[Bar]) -> tuple[CopyRows, list[Bar]]:
     for bar in bars:
         vw, n = bar.vw, bar.n
         key = (vw is not None, n is not None)
+        ts = bar.t * 1000 - epoch
         try:
             if vw is not None and n is not None:
-                packs[key](out, offset, 8, 8, bar.t, 8, bar.o, 8, bar.h, 8, bar.l, 8, bar.c,
-                           8, bar.v, 8, vw, 8, n)
+                packs[key](out, offset, 10, ns, sym, nt, tf, 8, ts, 8, bar.o, 8, bar.h, 8, bar.l,
+                           8, bar.c, 8, bar.v, 8, vw, 8, n)
             elif vw is not None:
-                packs[key](out, offset, 8, 8, bar.t, 8, bar.o, 8, bar.h, 8, bar.l, 8, bar.c,
-                           8, bar.v, 8, vw, _NULL)
+                packs[key](out, offset, 10, ns, sym, nt, tf, 8, ts, 8, bar.o, 8, bar.h, 8, bar.l,
+                           8, bar.c, 8, bar.v, 8, vw, _NULL)
             elif n is not None:
-                packs[key](out, offset, 8, 8, bar.t, 8, bar.o, 8, bar.h, 8, bar.l, 8, bar.c,
-                           8, bar.v, _NULL, 8, n)
+                packs[key](out, offset, 10, ns, sym, nt, tf, 8, ts, 8, bar.o, 8, bar.h, 8, bar.l,
+                           8, bar.c, 8, bar.v, _NULL, 8, n)
             else:
-                packs[key](out, offset, 8, 8, bar.t, 8, bar.o, 8, bar.h, 8, bar.l, 8, bar.c,
-                           8, bar.v, _NULL, _NULL)
+                packs[key](out, offset, 10, ns, sym, nt, tf, 8, ts, 8, bar.o, 8, bar.h, 8, bar.l,
+                           8, bar.c, 8, bar.v, _NULL, _NULL)
         except struct.error:
             unfit.append(bar)
             continue
@@ -217,7 +237,7 @@ def encode_copy_rows(bars: list[Bar]) -> tuple[CopyRows, list[Bar]]:
         kept = bars
     first = kept[0].t if kept else 0
     last = kept[-1].t if kept else 0
-    return CopyRows(len(kept), first, last, out), unfit
+    return CopyRows(len(kept), first, last, out, (symbol, timeframe)), unfit
 
 
 def check_bars(bars: list[Bar], from_ms: int, to_ms: int) -> tuple[list[Bar], list[Quarantined]]:

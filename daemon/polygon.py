@@ -315,7 +315,8 @@ class PolygonClient:
             while True:
                 started = trio.current_time()
                 body, nbytes, attempts = await self._fetch_retrying(
-                    url, partial(decode_page, from_ms=from_ms, to_ms=to_ms), log)
+                    url, partial(decode_page, from_ms=from_ms, to_ms=to_ms, symbol=symbol,
+                                     timeframe=timeframe.label), log)
                 next_url = body.next_url
                 handed = [Page(
                     bars=body.bars,

@@ -714,7 +714,8 @@ class Scheduler:
                     last, any_bars = page.last, bool(page.bars)
                     message = None
                     if page.bars or held or hi > page_from:
-                        rows = page.rows or encode_copy_rows(page.bars)[0]
+                        rows = page.rows or encode_copy_rows(page.bars, run.series.symbol,
+                                                           run.series.timeframe)[0]
                         message = PageWrite(run.series, rows, (page_from, hi), run.receipt, held,
                                             job.lease)
                     del page  # its bars as objects: only the encoded rows wait in the queue

@@ -578,7 +578,8 @@ class _Verifier:
             # the normal write path: the page's bars (only changed rows are rewritten), its
             # span (covered already), its freshness row, the features dirty marker
             report.repaired_pages += 1
-            await send.send(PageWrite(key, encode_copy_rows(bars)[0], (lo, hi), receipt))
+            await send.send(PageWrite(key, encode_copy_rows(bars, key.symbol, key.timeframe)[0],
+                                     (lo, hi), receipt))
 
     # --- repair (worker thread) ---
 

@@ -519,7 +519,8 @@ async def topup_latencies(url: str) -> list[float]:
                     Bar(t=t + step, o=c, h=max(h, c), l=min(low, c), c=c, v=v)]  # a new bar
             receipt = Receipt()
             runs = task.statistics().runs
-            await send.send(PageWrite(SeriesKey(symbol, timeframe), encode_copy_rows(bars)[0],
+            await send.send(PageWrite(SeriesKey(symbol, timeframe),
+                                      encode_copy_rows(bars, symbol, timeframe)[0],
                                       (t, t + step + 1), receipt))
             while receipt.pages_written == 0 or task.statistics().pending:  # noqa: ASYNC110 - statistics are a snapshot
                 await trio.sleep(0.005)
@@ -750,8 +751,8 @@ def fig_decode(bench: Bench) -> dict[str, Any]:
 
     decode_s = timed(lambda: decoder.decode(body))
     validate_s = timed(lambda: check_bars(decoded.results, lo, hi))  # type: ignore[arg-type]
-    encode_s = timed(lambda: encode_copy_rows(decoded.results))  # type: ignore[arg-type]
-    page_s = timed(lambda: decode_page(body, lo, hi))
+    encode_s = timed(lambda: encode_copy_rows(decoded.results, "SPY", "5m"))  # type: ignore[arg-type]
+    page_s = timed(lambda: decode_page(body, lo, hi, symbol="SPY", timeframe="5m"))
     writer = bench_writer(bench, body, 4 if bench.quick else 10)
     return {
         "rows": [
@@ -798,7 +799,8 @@ def bench_writer(bench: Bench, body: bytes, pages: int) -> dict[str, Any]:
     assert isinstance(bars, list)
     step = bars[-1].t - bars[0].t + 60_000
     series = SeriesKey("BENCH", "1m")
-    encoded = [encode_copy_rows([msgspec.structs.replace(b, t=b.t + i * step) for b in bars])[0]
+    encoded = [encode_copy_rows([msgspec.structs.replace(b, t=b.t + i * step) for b in bars],
+                                series.symbol, series.timeframe)[0]
                for i in range(pages)]
     first, last = encoded[0].first_t, encoded[-1].last_t
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import msgspec
 import psycopg
 import pytest
 import trio
@@ -217,3 +218,35 @@ async def test_coverage_summary_counts_the_holes_between_spans(database: str) ->
     await write_all(database, [first, second, job.done()])
     assert read_coverage_summary(database) == {
         ("HOLE", "1d"): CoverageSummary(T0, T0 + 7 * DAY, 1)}
+
+
+async def test_copy_straight_into_bars_and_the_upsert_give_identical_tables(
+        database: str) -> None:
+    # The same final bars by both paths: NEW's page finds nothing stored in its span and is
+    # copied straight into `bars`; OLD's final page overlaps an earlier version of itself and
+    # goes through the stage and the upsert (nulls, both years and revisions included).
+    final = [bar(T0 + i * 7 * DAY, close=10.0 + i / 8, vw=None if i % 3 == 0 else 10.0,
+                 n=None if i % 4 == 1 else i) for i in range(12)]  # 2023-11 .. 2024-01
+    earlier = [msgspec.structs.replace(b, c=9.5, vw=9.0) for b in final[::2]]
+    new, old = (Job(symbol, "1d", T0, T0 + 100 * DAY) for symbol in ("NEW", "OLD"))
+    direct = await write_all(database, [new.page(final), new.done()])
+    assert direct.statistics().plain_pages == 1
+    upsert = await write_all(database, [old.page(earlier), old.page(final), old.done()])
+    assert upsert.statistics().plain_pages == 1  # only the first page: the second overlaps
+    by_symbol: dict[object, list[tuple[object, ...]]] = {"NEW": [], "OLD": []}
+    for r in rows(database):
+        by_symbol[r[0]].append(r[1:])
+    assert len(by_symbol["NEW"]) == len(final)
+    assert by_symbol["NEW"] == by_symbol["OLD"]
+    assert db.read_coverage(database)[("NEW", "1d")] == db.read_coverage(database)[("OLD", "1d")]
+
+
+async def test_rows_encoded_for_another_series_are_refused_whole(database: str) -> None:
+    job = Job("A", "1d", T0, T0 + 10 * DAY)
+    other = Job("B", "1d", T0, T0 + 10 * DAY).page([bar(T0), bar(T0 + DAY)])
+    mislabelled = attrs.evolve(other, series=job.series, receipt=job.receipt)
+    writer = await write_all(database, [mislabelled, job.done()])
+    assert job.receipt.outcome is JobOutcome.FAILED
+    assert job.receipt.write_error is not None and "not of A 1d" in job.receipt.write_error
+    assert rows(database) == [] and db.read_coverage(database) == {}
+    assert writer.statistics().write_errors == 1

@@ -29,7 +29,8 @@ class Job:
         """A page proving `span` (default: from the job's `from` through its last bar)."""
         if span is None:
             span = (self.fetch.from_ms, bars[-1].t + 1 if bars else self.fetch.from_ms)
-        return PageWrite(self.series, encode_copy_rows(list(bars))[0], span, self.receipt)
+        rows = encode_copy_rows(list(bars), self.series.symbol, self.series.timeframe)[0]
+        return PageWrite(self.series, rows, span, self.receipt)
 
     def done(self) -> JobFinished:
         return JobFinished(self.series, self.fetch, self.receipt)
@@ -61,7 +62,8 @@ async def acknowledge(receive: trio.MemoryReceiveChannel[Message]) -> None:
 
 
 def row_times(rows: CopyRows) -> list[int]:
-    """The `t` of every bar in encoded COPY rows (the first field of each row)."""
+    """The `t` of every bar in encoded COPY rows (the third field of each row: `ts`, binary
+    timestamptz, microseconds since 2000-01-01 UTC)."""
     out, data, i = [], rows.payload, 0
     while i < len(data):
         (fields,) = struct.unpack_from(">h", data, i)
@@ -69,7 +71,7 @@ def row_times(rows: CopyRows) -> list[int]:
         for field in range(fields):
             (length,) = struct.unpack_from(">i", data, i)
             i += 4
-            if field == 0:
-                out.append(struct.unpack_from(">q", data, i)[0])
+            if field == 2:
+                out.append((struct.unpack_from(">q", data, i)[0] + 946_684_800_000_000) // 1000)
             i += max(length, 0)
     return out
