@@ -110,7 +110,7 @@ class CopyRows:
     first_t: int  # the first and last bar's t (ascending pages: the span's ends)
     last_t: int
     payload: bytes | bytearray = attrs.field(repr=lambda payload: f"<{len(payload)} bytes>")
-    series: tuple[str, str] = ("", "")  # the (symbol, timeframe) the rows carry
+    series: tuple[str, str]  # the (symbol, timeframe) the rows carry
 
     @property
     def empty(self) -> bool:
