@@ -26,8 +26,8 @@ import msgspec
 
 from .errors import BadResponse
 
-__all__ = ["AggsResponse", "Bar", "CopyRows", "DecodedPage", "Quarantined", "check_bars",
-           "decode_page", "encode_copy_rows"]
+__all__ = ["PG_EPOCH_US", "AggsResponse", "Bar", "CopyRows", "DecodedPage", "Quarantined",
+           "check_bars", "decode_page", "encode_copy_rows"]
 
 
 class Bar(msgspec.Struct, frozen=True, array_like=False):
@@ -173,7 +173,7 @@ def decode_page(body: bytes, from_ms: int, to_ms: int, *, symbol: str,
 
 
 # A binary timestamptz is microseconds since 2000-01-01 UTC; a bar's t is Unix milliseconds.
-_PG_EPOCH_US = 946_684_800_000_000
+PG_EPOCH_US = 946_684_800_000_000
 _NULL = -1
 
 
@@ -202,7 +202,7 @@ def encode_copy_rows(bars: list[Bar], symbol: str, timeframe: str
     sizes = {key: st.size for key, st in structs.items()}
     packs = {key: st.pack_into for key, st in structs.items()}
     ns, nt = len(sym), len(tf)
-    epoch = _PG_EPOCH_US
+    epoch = PG_EPOCH_US
     total = 0
     for bar in bars:
         total += sizes[bar.vw is not None, bar.n is not None]

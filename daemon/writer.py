@@ -85,10 +85,10 @@ _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
 _COPY_TRAILER = b"\xff\xff"
 # Returns the first bar the page inserted or changed (NULL: nothing changed), from which the
 # series' features must be recomputed (daemon.features).
-_UPSERT = """
+_UPSERT = f"""
 WITH changed AS (
-INSERT INTO bars AS b (symbol, timeframe, ts, open, high, low, close, volume, vwap, trades)
-SELECT symbol, timeframe, ts, open, high, low, close, volume, vwap, trades FROM bars_stage
+INSERT INTO bars AS b ({_COLUMNS})
+SELECT {_COLUMNS} FROM bars_stage
 ON CONFLICT (symbol, timeframe, ts) DO UPDATE SET
     open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
     volume = EXCLUDED.volume, vwap = EXCLUDED.vwap, trades = EXCLUDED.trades

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import trio
 
-from daemon.bars import Bar, CopyRows, encode_copy_rows
+from daemon.bars import PG_EPOCH_US, Bar, CopyRows, encode_copy_rows
 from daemon.jobs import FetchResult, Receipt, SeriesKey
 from daemon.writer import JobFinished, Message, PageWrite, Writer, open_writer_channel
 
@@ -72,6 +72,6 @@ def row_times(rows: CopyRows) -> list[int]:
             (length,) = struct.unpack_from(">i", data, i)
             i += 4
             if field == 2:
-                out.append((struct.unpack_from(">q", data, i)[0] + 946_684_800_000_000) // 1000)
+                out.append((struct.unpack_from(">q", data, i)[0] + PG_EPOCH_US) // 1000)
             i += max(length, 0)
     return out
