@@ -564,7 +564,9 @@ class PolygonClient:
         body_slot: _BodySlot,
     ) -> tuple[httpx.Response, bytes]:
         """Send, then (once `body_slot` is ours) read the whole body, within `seconds`; httpx
-        errors become ours here.
+        errors become ours here. The wait for the slot does not count against `seconds`: it
+        is our own decoder's backlog, not the API being slow, and a timeout there would only
+        re-fetch (and pay rate budget for) a response that is waiting in the socket.
 
         Error handling: ours are raised outside the `except` blocks, so they carry no
         `__context__`: no httpx exception (whose request holds the Authorization header)
@@ -572,11 +574,14 @@ class PolygonClient:
         """
         try:
             # httpx's timeouts are per operation; the deadline also bounds a slow-drip body.
-            with trio.fail_after(seconds):
+            with trio.fail_after(seconds) as deadline:
                 request = http.build_request("GET", url, timeout=httpx.Timeout(seconds))
                 response = await http.send(request, auth=auth, stream=True)
                 try:
+                    left = deadline.deadline - trio.current_time()
+                    deadline.deadline = math.inf  # the clock stops while the slot is waited for
                     await body_slot.acquire()
+                    deadline.deadline = trio.current_time() + left
                     # Not response.aread(): that keeps the body in the response, and a response
                     # is in a reference cycle (its stream points back at it), so every body
                     # would live until the cyclic GC's next full pass, not until decoded.

@@ -1,5 +1,6 @@
 """What a page costs in memory: a body lives until it is decoded, and only a few are read at
-once, however many requests are in flight (issue 9: memory that does not grow with history).
+once, however many requests are in flight (issue 9: memory that does not grow with history);
+and the time a response waits for a slot is not counted against the API's timeout.
 
 The first test fetches from the simulator as a child process over loopback HTTP, so what
 tracemalloc sees in this process is the client's alone.
@@ -20,6 +21,7 @@ import trio.testing
 
 from daemon import polygon
 from daemon.config import PolygonConfig, RetryConfig, Secret
+from daemon.errors import ApiTransportError
 from daemon.polygon import BODIES_IN_MEMORY, PolygonClient
 from daemon.ratelimit import RateLimiter
 from daemon.simulator.process import simulator_process
@@ -129,3 +131,81 @@ async def test_bodies_stay_unread_while_every_decoder_is_busy(
                 polygon._DECODE_THREADS.release_on_behalf_of(busy)
     assert got == {symbol: 1 for symbol in symbols}
     assert len(started) == 8
+
+
+async def test_waiting_for_a_busy_decoder_does_not_count_against_the_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    one_bar = [{"v": 1.0, "vw": 1.0, "o": 1.0, "c": 1.0, "h": 1.0, "l": 1.0,
+                "t": FROM_MS, "n": 1}]
+    content = json.dumps({"status": "OK", "results": one_bar, "resultsCount": 1}).encode()
+    asked: list[float] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        asked.append(trio.current_time())
+        return httpx.Response(200, content=content)
+
+    config = PolygonConfig(base_url="http://127.0.0.1:9", api_key=Secret(KEY),
+                           requests_per_minute=0, max_in_flight=8, timeout_seconds=5.0)
+    client = PolygonClient(config, EXACT, limiter=RateLimiter(0, max_in_flight=8),
+                           transport=httpx.MockTransport(api))
+    symbols = [f"S{i}" for i in range(8)]
+    got: dict[str, int] = {}
+
+    async def fetch(symbol: str) -> None:
+        async with aclosing(client.pages(symbol, FIVE_MINUTES, FROM_MS, TO_MS)) as stream:
+            async for page in stream:
+                got[symbol] = got.get(symbol, 0) + len(page.bars)
+
+    busy = object()  # the decoder stays busy for 12 timeouts' worth of time
+    async with client:
+        await polygon._DECODE_THREADS.acquire_on_behalf_of(busy)
+        try:
+            async with trio.open_nursery() as nursery:
+                for symbol in symbols:
+                    nursery.start_soon(fetch, symbol)
+                await trio.sleep(60)
+                polygon._DECODE_THREADS.release_on_behalf_of(busy)
+                busy = None
+        finally:
+            if busy is not None:
+                polygon._DECODE_THREADS.release_on_behalf_of(busy)
+    # every request answered at once and sent once: no attempt timed out (EXACT makes one)
+    assert got == {symbol: 1 for symbol in symbols}
+    assert len(asked) == 8 and max(asked) < 1
+    assert client.statistics().total_requests == 8
+
+
+class _DrippingBody(httpx.AsyncByteStream):
+    """A body whose first byte comes, then nothing more: only our deadline ends it."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"{"
+        await trio.sleep_forever()
+
+
+async def test_a_dripping_body_still_times_out_once_its_slot_is_free(
+        autojump_clock: trio.testing.MockClock) -> None:
+    config = PolygonConfig(base_url="http://127.0.0.1:9", api_key=Secret(KEY),
+                           requests_per_minute=0, timeout_seconds=5.0)
+    client = PolygonClient(
+        config, EXACT, limiter=RateLimiter(0, max_in_flight=4),
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, stream=_DrippingBody())))
+    holders = [object() for _ in range(BODIES_IN_MEMORY)]  # every body slot taken for 60 s
+    failed_at: list[float] = []
+
+    async def fetch() -> None:
+        with pytest.raises(ApiTransportError, match="no complete response within 5 s"):
+            async with aclosing(client.pages("S0", FIVE_MINUTES, FROM_MS, TO_MS)) as stream:
+                async for _ in stream:
+                    raise AssertionError("no page can come")  # pragma: no cover
+        failed_at.append(trio.current_time())
+
+    async with client:
+        for holder in holders:
+            await client._bodies.acquire_on_behalf_of(holder)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            await trio.sleep(60)
+            for holder in holders:
+                client._bodies.release_on_behalf_of(holder)
+    assert failed_at == [pytest.approx(65.0)]  # 60 s waiting for a slot, then its 5 s
