@@ -754,6 +754,7 @@ def fig_decode(bench: Bench) -> dict[str, Any]:
     encode_s = timed(lambda: encode_copy_rows(decoded.results, "SPY", "5m"))  # type: ignore[arg-type]
     page_s = timed(lambda: decode_page(body, lo, hi, symbol="SPY", timeframe="5m"))
     writer = bench_writer(bench, body, 4 if bench.quick else 10)
+    small = bench_small_pages(bench, 200 if bench.quick else 1000)
     return {
         "rows": [
             row("decode + validate one 50k-bar page", (decode_s + validate_s) * 1000, unit="ms"),
@@ -761,16 +762,21 @@ def fig_decode(bench: Bench) -> dict[str, Any]:
             row("writer rows/s, new rows", writer["new_rows_per_s"], unit="rows/s"),
             row("writer rows/s, all conflicting (top-up)", writer["conflicting_rows_per_s"],
                 writer["new_rows_per_s"], unit="rows/s", ref_label="new rows"),
+            row(f"writer ms a page, {small['pages']:,} new pages of {SMALL_PAGE} bars",
+                small["new_ms_per_page"], unit="ms"),
+            row("writer ms a page, the same pages again (upsert)", small["again_ms_per_page"],
+                unit="ms"),
         ],
         "command": "in-process: msgspec typed decode + check_bars; daemon.bars.decode_page; "
-                   "the Writer fed 50,000-bar pages (COPY -> stage -> insert/upsert + coverage)",
+                   "the Writer fed 50,000-bar pages (COPY -> stage -> insert/upsert + coverage), "
+                   f"then {SMALL_PAGE}-bar pages (where round trips, not rows, set the pace)",
         "details": {"page_bytes": len(body), "rounds": rounds,
                     "decode_ms": round(decode_s * 1000, 1),
                     "validate_ms": round(validate_s * 1000, 1),
                     "encode_ms": round(encode_s * 1000, 1),
                     "decode_page_ms": round(page_s * 1000, 1),
                     "decode_validate_bars_per_s": round(PAGE / (decode_s + validate_s)),
-                    "writer": writer},
+                    "writer": writer, "small_pages": small},
     }
 
 
@@ -790,6 +796,33 @@ async def _write_pages(url: str, pages: list[PageWrite], series: SeriesKey, rece
         nursery.cancel_scope.cancel()
     assert receipt.outcome is JobOutcome.OK, receipt.write_error
     return elapsed
+
+
+SMALL_PAGE = 300
+
+
+def bench_small_pages(bench: Bench, pages: int) -> dict[str, Any]:
+    """The Writer fed many small pages of one series (a top-up's or a slow plan's size)."""
+    url = bench.database("writer_small")
+    db.apply_migrations(url)
+    series = SeriesKey("SMALL", "1m")
+    t0 = 1_704_067_200_000  # 2024-01-01
+    encoded = [encode_copy_rows(
+        [Bar(t=t0 + (p * SMALL_PAGE + i) * 60_000, o=10.0, h=11.0, l=9.0, c=10.5, v=100.0,
+             vw=10.2, n=3) for i in range(SMALL_PAGE)], series.symbol, series.timeframe)[0]
+        for p in range(pages)]
+    first, last = encoded[0].first_t, encoded[-1].last_t
+
+    def run(receipt: Receipt) -> float:
+        writes = [PageWrite(series, rows, (rows.first_t, rows.last_t + 60_000), receipt)
+                  for rows in encoded]
+        return trio.run(_write_pages, url, writes, series, receipt, first, last)
+
+    new_s = run(Receipt())
+    again_s = run(Receipt())
+    return {"pages": pages, "bars_per_page": SMALL_PAGE,
+            "new_ms_per_page": round(new_s * 1000 / pages, 2),
+            "again_ms_per_page": round(again_s * 1000 / pages, 2)}
 
 
 def bench_writer(bench: Bench, body: bytes, pages: int) -> dict[str, Any]:

@@ -250,3 +250,29 @@ async def test_rows_encoded_for_another_series_are_refused_whole(database: str) 
     assert job.receipt.write_error is not None and "not of A 1d" in job.receipt.write_error
     assert rows(database) == [] and db.read_coverage(database) == {}
     assert writer.statistics().write_errors == 1
+
+
+async def test_a_statement_refused_after_the_copy_leaves_nothing_of_the_page(
+        database: str) -> None:
+    """The statements after the COPY go in one pipelined round trip with the COMMIT: one of
+    them refused (here the quarantine row: PostgreSQL's text holds no NUL byte) rolls the
+    whole page back, bars and coverage too, and the writer goes on with the next job."""
+    from daemon.bars import Quarantined
+    from daemon.writer import QuarantinedSpan
+
+    job = Job("A", "1d", T0, T0 + 10 * DAY)
+    refused = QuarantinedSpan((T0 + DAY, T0 + DAY + 1),
+                              Quarantined(T0 + DAY, "{\x00}", "a reason"))
+    page = attrs.evolve(job.page([bar(T0), bar(T0 + 2 * DAY)], (T0, T0 + 3 * DAY)),
+                        quarantined=(refused,))
+    other = Job("B", "1d", T0, T0 + 10 * DAY)
+    writer = await write_all(database, [page, job.done(), other.page([bar(T0)]), other.done()])
+    assert job.receipt.outcome is JobOutcome.FAILED
+    assert job.receipt.write_error is not None and "rejected" in job.receipt.write_error
+    assert [(r[0], db.to_ms(r[2])) for r in rows(database)] == [("B", T0)]
+    assert ("A", "1d") not in db.read_coverage(database)
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM quarantined_bars").fetchone() == (0,)
+        assert conn.execute("SELECT symbol FROM features_dirty").fetchall() == [("B",)]
+    assert other.receipt.outcome is JobOutcome.OK
+    assert writer.statistics().write_errors == 1
