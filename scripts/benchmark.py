@@ -67,7 +67,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon import db  # noqa: E402
-from daemon.bars import AggsResponse, Bar, check_bars, decode_page, encode_copy_rows  # noqa: E402
+from daemon.bars import (  # noqa: E402
+    AggsResponse,
+    Bar,
+    CopyRows,
+    check_bars,
+    decode_page,
+    encode_copy_rows,
+)
 from daemon.embedded import embedded_postgres  # noqa: E402
 from daemon.features import FeaturesTask  # noqa: E402
 from daemon.jobs import FetchResult, JobOutcome, Receipt, SeriesKey  # noqa: E402
@@ -798,6 +805,19 @@ async def _write_pages(url: str, pages: list[PageWrite], series: SeriesKey, rece
     return elapsed
 
 
+def _write_twice(url: str, series: SeriesKey, encoded: list[CopyRows]) -> tuple[float, float]:
+    """Seconds for the Writer to write `encoded` as one job's pages, new, then the same again
+    (every row conflicting)."""
+    first, last = encoded[0].first_t, encoded[-1].last_t
+
+    def run(receipt: Receipt) -> float:
+        writes = [PageWrite(series, rows, (rows.first_t, rows.last_t + 60_000), receipt)
+                  for rows in encoded]
+        return trio.run(_write_pages, url, writes, series, receipt, first, last)
+
+    return run(Receipt()), run(Receipt())
+
+
 SMALL_PAGE = 300
 
 
@@ -811,15 +831,7 @@ def bench_small_pages(bench: Bench, pages: int) -> dict[str, Any]:
         [Bar(t=t0 + (p * SMALL_PAGE + i) * 60_000, o=10.0, h=11.0, l=9.0, c=10.5, v=100.0,
              vw=10.2, n=3) for i in range(SMALL_PAGE)], series.symbol, series.timeframe)[0]
         for p in range(pages)]
-    first, last = encoded[0].first_t, encoded[-1].last_t
-
-    def run(receipt: Receipt) -> float:
-        writes = [PageWrite(series, rows, (rows.first_t, rows.last_t + 60_000), receipt)
-                  for rows in encoded]
-        return trio.run(_write_pages, url, writes, series, receipt, first, last)
-
-    new_s = run(Receipt())
-    again_s = run(Receipt())
+    new_s, again_s = _write_twice(url, series, encoded)
     return {"pages": pages, "bars_per_page": SMALL_PAGE,
             "new_ms_per_page": round(new_s * 1000 / pages, 2),
             "again_ms_per_page": round(again_s * 1000 / pages, 2)}
@@ -835,15 +847,7 @@ def bench_writer(bench: Bench, body: bytes, pages: int) -> dict[str, Any]:
     encoded = [encode_copy_rows([msgspec.structs.replace(b, t=b.t + i * step) for b in bars],
                                 series.symbol, series.timeframe)[0]
                for i in range(pages)]
-    first, last = encoded[0].first_t, encoded[-1].last_t
-
-    def run(receipt: Receipt) -> float:
-        writes = [PageWrite(series, rows, (rows.first_t, rows.last_t + 60_000), receipt)
-                  for rows in encoded]
-        return trio.run(_write_pages, url, writes, series, receipt, first, last)
-
-    new_s = run(Receipt())
-    again_s = run(Receipt())
+    new_s, again_s = _write_twice(url, series, encoded)
     n = pages * PAGE
     return {"rows": n, "new_seconds": round(new_s, 2), "conflicting_seconds": round(again_s, 2),
             "new_rows_per_s": round(n / new_s), "conflicting_rows_per_s": round(n / again_s)}

@@ -13,6 +13,7 @@ import json
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
+from functools import partial
 
 import httpx
 import pytest
@@ -76,6 +77,17 @@ async def test_a_body_is_freed_once_decoded_not_at_the_next_collection(
     assert held < 2 * body_bytes, f"{held:,} bytes still held after {pages} pages"
 
 
+ONE_BAR_BODY = json.dumps({"status": "OK", "resultsCount": 1, "results": [
+    {"v": 1.0, "vw": 1.0, "o": 1.0, "c": 1.0, "h": 1.0, "l": 1.0, "t": FROM_MS, "n": 1}]}).encode()
+
+
+async def _count_bars(client: PolygonClient, got: dict[str, int], symbol: str) -> None:
+    """Fetch `symbol`'s range, adding up its bars in `got`."""
+    async with aclosing(client.pages(symbol, FIVE_MINUTES, FROM_MS, TO_MS)) as stream:
+        async for page in stream:
+            got[symbol] = got.get(symbol, 0) + len(page.bars)
+
+
 class _CountedBody(httpx.AsyncByteStream):
     """A response body that counts when it starts being read."""
 
@@ -91,13 +103,10 @@ async def test_bodies_stay_unread_while_every_decoder_is_busy(
         mock_clock: trio.testing.MockClock) -> None:
     started: list[int] = []
     asked: list[str] = []
-    one_bar = [{"v": 1.0, "vw": 1.0, "o": 1.0, "c": 1.0, "h": 1.0, "l": 1.0,
-                "t": FROM_MS, "n": 1}]
-    content = json.dumps({"status": "OK", "results": one_bar, "resultsCount": 1}).encode()
 
     def api(request: httpx.Request) -> httpx.Response:
         asked.append(request.url.path)
-        return httpx.Response(200, stream=_CountedBody(content, started))
+        return httpx.Response(200, stream=_CountedBody(ONE_BAR_BODY, started))
 
     config = PolygonConfig(base_url="http://127.0.0.1:9", api_key=Secret(KEY),
                            requests_per_minute=0, max_in_flight=8)
@@ -105,11 +114,7 @@ async def test_bodies_stay_unread_while_every_decoder_is_busy(
                            transport=httpx.MockTransport(api))
     symbols = [f"S{i}" for i in range(8)]
     got: dict[str, int] = {}
-
-    async def fetch(symbol: str) -> None:
-        async with aclosing(client.pages(symbol, FIVE_MINUTES, FROM_MS, TO_MS)) as stream:
-            async for page in stream:
-                got[symbol] = got.get(symbol, 0) + len(page.bars)
+    fetch = partial(_count_bars, client, got)
 
     busy = object()  # every decoding thread taken, as by pages still being decoded
     async with client:
@@ -135,14 +140,11 @@ async def test_bodies_stay_unread_while_every_decoder_is_busy(
 
 async def test_waiting_for_a_busy_decoder_does_not_count_against_the_timeout(
         autojump_clock: trio.testing.MockClock) -> None:
-    one_bar = [{"v": 1.0, "vw": 1.0, "o": 1.0, "c": 1.0, "h": 1.0, "l": 1.0,
-                "t": FROM_MS, "n": 1}]
-    content = json.dumps({"status": "OK", "results": one_bar, "resultsCount": 1}).encode()
     asked: list[float] = []
 
     def api(request: httpx.Request) -> httpx.Response:
         asked.append(trio.current_time())
-        return httpx.Response(200, content=content)
+        return httpx.Response(200, content=ONE_BAR_BODY)
 
     config = PolygonConfig(base_url="http://127.0.0.1:9", api_key=Secret(KEY),
                            requests_per_minute=0, max_in_flight=8, timeout_seconds=5.0)
@@ -150,11 +152,7 @@ async def test_waiting_for_a_busy_decoder_does_not_count_against_the_timeout(
                            transport=httpx.MockTransport(api))
     symbols = [f"S{i}" for i in range(8)]
     got: dict[str, int] = {}
-
-    async def fetch(symbol: str) -> None:
-        async with aclosing(client.pages(symbol, FIVE_MINUTES, FROM_MS, TO_MS)) as stream:
-            async for page in stream:
-                got[symbol] = got.get(symbol, 0) + len(page.bars)
+    fetch = partial(_count_bars, client, got)
 
     busy = object()  # the decoder stays busy for 12 timeouts' worth of time
     async with client:
