@@ -58,6 +58,14 @@ def database(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def second_database(pg_server: str) -> Iterator[str]:
+    """Another fresh, migrated database, for a test comparing two runs."""
+    url = make_database(pg_server)
+    yield url
+    drop_database(pg_server, url)
+
+
+@pytest.fixture
 def empty_database(pg_server: str) -> Iterator[str]:
     """URL of a fresh database with no schema (for migration tests)."""
     url = make_database(pg_server, migrated=False)

@@ -12,9 +12,9 @@ from daemon import db
 from daemon.bars import Bar
 from daemon.jobs import JobOutcome
 from daemon.spans import spans
-from daemon.writer import Writer, open_writer_channel
+from daemon.writer import Message, Writer, WriterStatistics, open_writer_channel
 
-from .writing import Job, write_all
+from .writing import Job, write_all, write_queued
 
 DAY = 86_400_000
 T0 = 1_700_000_000_000  # 2023-11-14
@@ -276,3 +276,88 @@ async def test_a_statement_refused_after_the_copy_leaves_nothing_of_the_page(
         assert conn.execute("SELECT symbol FROM features_dirty").fetchall() == [("B",)]
     assert other.receipt.outcome is JobOutcome.OK
     assert writer.statistics().write_errors == 1
+
+
+def features_dirty(url: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT symbol, from_ts FROM features_dirty ORDER BY symbol"
+                            ).fetchall()
+
+
+async def test_queued_pages_commit_in_one_transaction_as_if_written_one_by_one(
+        database: str, second_database: str) -> None:
+    """Pages queued behind one another share a transaction: new pages of three series, then
+    revisions of two stored ones (both through the stage, one after the other in one
+    transaction), each batch followed by the jobs' own transactions. The bars, coverage,
+    features markers and receipts equal those of the same pages written one at a time."""
+    def messages() -> tuple[list[Job], list[Message]]:
+        jobs = [Job(symbol, "1d", T0, T0 + 30 * DAY) for symbol in ("A", "B", "C")]
+        first = [job.page([bar(T0 + i * DAY) for i in range(3)], (T0, T0 + 3 * DAY))
+                 for job in jobs]
+        second = [job.page([bar(T0 + i * DAY) for i in range(5, 8)], (T0 + 5 * DAY,
+                                                                     T0 + 8 * DAY))
+                  for job in jobs]
+        return jobs, [*first, *second, *(job.done() for job in jobs)]
+
+    def revisions() -> tuple[list[Job], list[Message]]:
+        jobs = [Job(symbol, "1d", T0, T0 + 30 * DAY) for symbol in ("A", "B")]
+        pages = [job.page([bar(T0 + DAY, close=9.5 + k), bar(T0 + 2 * DAY)], (T0, T0 + 3 * DAY))
+                 for k, job in enumerate(jobs)]
+        return jobs, [*pages, *(job.done() for job in jobs)]
+
+    batched: dict[str, tuple[WriterStatistics, WriterStatistics]] = {}
+    for url, write in ((database, write_queued), (second_database, write_all)):
+        jobs, queued = messages()
+        writer = await write(url, queued)
+        revised, again = revisions()
+        later = await write(url, again)
+        assert all(job.receipt.outcome is JobOutcome.OK for job in [*jobs, *revised])
+        assert [job.receipt.bars_written for job in jobs] == [6, 6, 6]
+        assert [job.receipt.pages_written for job in revised] == [1, 1]
+        batched[url] = (writer.statistics(), later.statistics())
+    new_pages, revised_pages = batched[database]
+    assert (new_pages.pages_written, new_pages.transactions) == (6, 1 + 3)
+    assert (revised_pages.pages_written, revised_pages.transactions) == (2, 1 + 2)
+    assert new_pages.plain_pages == 6 and revised_pages.plain_pages == 0
+    assert rows(database) == rows(second_database)
+    closes = {r[0]: r[6] for r in rows(database) if db.to_ms(r[2]) == T0 + DAY}
+    assert closes == {"A": 9.5, "B": 10.5, "C": 10.0}
+    assert db.read_coverage(database) == db.read_coverage(second_database)
+    assert features_dirty(database) == features_dirty(second_database)
+    assert [(r[0], db.to_ms(r[1])) for r in features_dirty(database)] == [
+        ("A", T0), ("B", T0), ("C", T0)]
+
+
+async def test_a_page_refused_in_a_batch_fails_its_job_alone(database: str) -> None:
+    """One page the database refuses rolls the batch back whole; its pages are then written
+    one by one: the other jobs' pages all land, the refused job keeps the pages before the
+    refused one and drops those after it."""
+    a, b, c = (Job(symbol, "1d", T0, T0 + 10 * DAY) for symbol in ("A", "B", "C"))
+    bad = [Bar(t=2**50, o=1, h=1, l=1, c=1, v=1)]  # past timestamptz: rejected
+    writer = await write_queued(database, [
+        a.page([bar(T0)]), b.page([bar(T0)]), b.page(bad), a.page([bar(T0 + 2 * DAY)]),
+        b.page([bar(T0 + 3 * DAY)]), c.page([bar(T0)]), a.done(), b.done(), c.done()])
+    assert [job.receipt.outcome for job in (a, b, c)] == [
+        JobOutcome.OK, JobOutcome.FAILED, JobOutcome.OK]
+    assert b.receipt.write_error is not None and "rejected" in b.receipt.write_error
+    assert [(r[0], db.to_ms(r[2])) for r in rows(database)] == [
+        ("A", T0), ("A", T0 + 2 * DAY), ("B", T0), ("C", T0)]
+    assert db.read_coverage(database)[("B", "1d")] == spans([(T0, T0 + 1)])
+    stats = writer.statistics()
+    assert stats.write_errors == 1 and stats.pages_written == 4
+
+
+async def test_a_page_overlapping_one_queued_before_it_is_written_after_that_one(
+        database: str) -> None:
+    """Two versions of one span queued back to back go in separate transactions, in order:
+    the second finds the first committed, goes through the upsert, and its revision wins."""
+    job = Job("A", "1d", T0, T0 + 10 * DAY)
+    first = job.page([bar(T0), bar(T0 + DAY)], (T0, T0 + 2 * DAY))
+    revised = job.page([bar(T0), bar(T0 + DAY, close=11.0)], (T0, T0 + 2 * DAY))
+    other = Job("B", "1d", T0, T0 + 10 * DAY)
+    writer = await write_queued(database, [first, other.page([bar(T0)]), revised, job.done(),
+                                           other.done()])
+    assert [(r[0], r[6]) for r in rows(database)] == [("A", 10.0), ("A", 11.0), ("B", 10.0)]
+    stats = writer.statistics()
+    assert stats.transactions == 2 + 2 and stats.plain_pages == 2
+    assert job.receipt.pages_written == 2

@@ -48,6 +48,18 @@ async def write_all(url: str, messages: Sequence[Message]) -> Writer:
     return writer
 
 
+async def write_queued(url: str, messages: Sequence[Message]) -> Writer:
+    """Run a Writer on `url` with every message already queued when it starts: it takes the
+    queued pages in batches (one transaction each), as a writer behind its producers does."""
+    send, receive = open_writer_channel(len(messages) + 1)
+    for m in messages:
+        send.send_nowait(m)
+    send.close()
+    writer = Writer(url, receive)
+    await writer.run()
+    return writer
+
+
 async def acknowledge(receive: trio.MemoryReceiveChannel[Message]) -> None:
     """Stand in for the writer where only the producer is under test (MockClock tests): count
     each page, finish each job with the one outcome rule, write nothing."""

@@ -149,7 +149,8 @@ class _SnapshotCollector(Collector):
                        for bound, count in zip(WRITE_BUCKETS, writer.write_buckets, strict=True)]
             buckets.append(("+Inf", writer.pages_written))
             yield HistogramMetricFamily("backfilld_write_seconds",
-                                        "Duration of one page's write transaction",
+                                        "Duration of one page's write (its share by bars when "
+                                        "queued pages share a transaction)",
                                         buckets=buckets, sum_value=writer.write_seconds_sum)
 
         cycles = CounterMetricFamily("backfilld_cycles", "Finished cycles by outcome",

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from daemon.market_calendar import et_midnight_ms
 
-from ..conftest import drop_database, make_database
 from .procs import (
     bar_count,
     duplicates,
@@ -51,13 +48,6 @@ def config_body(symbols: list[str], *, lease_seconds: float = 3, page_limit: int
             f"[daemon]\nlease_seconds = {lease_seconds}\n"
             "[backfill]\n" + "\n".join(lines) + "\n"
             "[retry]\nattempts = 8\nmin_seconds = 0.05\nmax_seconds = 1\n")
-
-
-@pytest.fixture
-def second_database(pg_server: str) -> Iterator[str]:
-    url = make_database(pg_server)
-    yield url
-    drop_database(pg_server, url)
 
 
 def query(url: str, sql: str, *args: object) -> list[tuple[object, ...]]:
