@@ -15,11 +15,11 @@ from daemon import db
 from daemon.bars import Bar
 from daemon.budget import SharedBudget, key_hash
 from daemon.config import Secret
-from daemon.jobs import JobOutcome, SeriesKey
+from daemon.jobs import JobOutcome, Lease, SeriesKey
 from daemon.leases import Coordinator, Identity, reap_local
 from daemon.writer import JobFinished, PageWrite, Writer, open_writer_channel
 
-from .writing import Job, write_all
+from .writing import Job, write_all, write_queued
 
 DAY = 86_400_000
 T0 = 1_700_000_000_000
@@ -135,6 +135,37 @@ async def test_the_fenced_writer_refuses_a_page_after_a_takeover(
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT holder, done_by FROM series_leases").fetchone() == (
             None, "host:b")
+
+
+async def test_a_lost_lease_in_a_batch_of_pages_refuses_that_series_only(
+        database: str, coordinator: Make) -> None:
+    """A zombie's page queued between live pages of another series: the batch's transaction
+    is refused whole, then each page is written alone; the live series' pages all commit."""
+    a, b = coordinator("a"), coordinator("b")
+    old = (await a.claim("IBM", ["1d"], due_before=FAR_PAST)).granted["1d"]
+    live = (await a.claim("SAP", ["1d"], due_before=FAR_PAST)).granted["1d"]
+    expire(database, "host:a")
+    await b.claim("IBM", ["1d"], due_before=FAR_PAST)
+    with psycopg.connect(database, autocommit=True) as conn:  # SAP's lease is still a's
+        conn.execute("UPDATE series_leases SET expires_at = now() + interval '1 hour' "
+                     "WHERE symbol = 'SAP'")
+
+    def page(job: Job, day: int, lease: Lease) -> PageWrite:
+        bars = [Bar(t=T0 + day * DAY, o=1.0, h=2.0, l=0.5, c=1.5, v=10.0, vw=1.2, n=3)]
+        p = job.page(bars, (T0 + day * DAY, T0 + (day + 1) * DAY))
+        return PageWrite(p.series, p.rows, p.span, p.receipt, lease=lease)
+
+    zombie, sap = Job("IBM", "1d", T0, T0 + 3 * DAY), Job("SAP", "1d", T0, T0 + 3 * DAY)
+    writer = await write_queued(database, [
+        page(sap, 0, live), page(zombie, 0, old), page(sap, 1, live), page(zombie, 1, old),
+        page(sap, 2, live), JobFinished(zombie.series, zombie.fetch, zombie.receipt, lease=old),
+        JobFinished(sap.series, sap.fetch, sap.receipt, lease=live)])
+    assert zombie.receipt.lease_lost and zombie.receipt.outcome is JobOutcome.CANCELLED
+    assert sap.receipt.outcome is JobOutcome.OK and sap.receipt.bars_written == 3
+    assert writer.statistics().lease_refusals == 1
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT symbol, count(*) FROM bars GROUP BY symbol").fetchall() == [
+            ("SAP", 3)]
 
 
 async def test_a_series_done_elsewhere_since_the_cycle_began_is_not_claimed(
