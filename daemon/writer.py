@@ -29,8 +29,9 @@ Error handling:
   retried whole on a new connection by the one retry mechanism (daemon.retrying), for as long as
   it takes; producers wait on the full channel meanwhile.
 - A statement rejected for its data (DataError, IntegrityError, a value the COPY encoder
-  refuses): permanent (in a batch: once the page is retried alone). The job fails loudly (`Receipt.write_error`), its later pages are dropped
-  unwritten, and the writer goes on; the rejected span stays uncovered, so it is asked again.
+  refuses): permanent (in a batch: once the page is written again alone). The job fails
+  loudly (`Receipt.write_error`), its later pages are dropped unwritten, and the writer goes
+  on; the rejected span stays uncovered, so it is asked again.
 
 Monitoring rows (daemon.monitoring) ride in the same transactions: a page's freshness with its
 bars, a job's result row with its JobFinished; so does the features task's work order (the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from daemon.budget import Reservation, SharedBudget
@@ -59,6 +60,34 @@ async def test_idle_bucket_holds_one_token_not_a_burst(
         for _ in range(3):
             nursery.start_soon(_take, limiter, times)
     assert _rounded(times) == [0.0, 10.0, 11.0, 12.0]
+
+
+async def test_late_wake_ups_keep_the_schedule_and_never_burst(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A busy event loop (here: 7 ms pass at every scheduling point) wakes the task due a
+    token late. The tokens keep their 40 ms schedule instead of drifting by each wake-up's
+    lateness (the strict bucket gave 220 in 10 s here), no token comes before its place on
+    that schedule, and no second holds more than 25 + 1 of them."""
+    limiter = RateLimiter(1500, max_in_flight=16)
+    times: list[float] = []
+
+    async def busy_loop() -> None:
+        while trio.current_time() < 10.0:
+            await trio.lowlevel.checkpoint()
+            autojump_clock.jump(0.007)
+
+    async def requester() -> None:
+        while trio.current_time() < 10.0:
+            await _take(limiter, times)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy_loop)
+        nursery.start_soon(requester)
+    assert 249 <= len(times) <= 252
+    assert all(t >= times[0] + k * 0.04 - 1e-9 for k, t in enumerate(times))
+    for start in [i * 0.1 for i in range(90)]:
+        assert sum(start <= t < start + 1.0 for t in times) <= 26
 
 
 async def test_zero_means_no_budget_of_ours(autojump_clock: trio.testing.MockClock) -> None:
