@@ -142,6 +142,46 @@ def test_sigkill_at_random_moments_then_resume_is_exact(database: str, tmp_path:
     assert duplicates(database) == 0
 
 
+def test_sigkill_during_a_chunked_backfill_leaves_no_gap_and_no_duplicate(
+        database: str, tmp_path: Path) -> None:
+    """Each life dies while several sub-ranges of one series are in flight: coverage is then a
+    set of intervals with holes between them, and the next life plans and fetches exactly the
+    holes."""
+    rng = random.Random(20261207)
+    symbols, timeframes = ["X:BTCUSD", "AAPL"], ["5m"]
+    total = sum(len(v) for v in truth(SEED, symbols, timeframes, FROM_MS, TO_MS).values())
+    holes_seen = 0
+    with simulator(tmp_path, latency_ms="40-80", seed=SEED) as url:
+        # ~16 pages a series at 1,000 bars a page, walked as 4 sub-ranges at once
+        config = write_config(
+            tmp_path / "config.toml", url,
+            "requests_per_minute = 600\npage_limit = 1000\n"
+            + backfill_section(symbols=symbols, timeframes=timeframes, overlap_bars=0,
+                               parallel_ranges=4)
+            + FAST_RETRY + '[logging]\nlevel = "debug"\n',
+        )
+        log = tmp_path / "daemon.log"
+        counts = []
+        for _ in range(4):
+            before = bar_count(database)
+            proc = start_daemon(config, database, "--once", log=log)
+            wait_until(lambda before=before: bar_count(database) > before, "new rows")
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            counts.append(bar_count(database))
+            holes_seen += sum(len(spans) - 1 for spans in db.read_coverage(database).values())
+        assert run_once(config, database, log=log) == 0
+    assert "splitting the rest into 4 sub-ranges" in log.read_text()
+    # the kills left holes between sub-ranges (what makes this the chunked case)
+    assert holes_seen > 0
+    assert all(0 < c < total for c in counts), counts
+    assert table(database) == truth(SEED, symbols, timeframes, FROM_MS, TO_MS)
+    assert duplicates(database) == 0
+    coverage = db.read_coverage(database)
+    assert all(len(spans) == 1 and spans[0][0] == FROM_MS for spans in coverage.values()), coverage
+
+
 def _sim_stats(url: str) -> dict[str, int]:
     import httpx
 
