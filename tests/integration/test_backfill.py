@@ -10,6 +10,7 @@ import datetime as dt
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -118,16 +119,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(database: str, tmp_path:
             + backfill_section(symbols=symbols, timeframes=["1h", "5m"], overlap_bars=0)
             + FAST_RETRY,
         )
-        counts = []
-        for _ in range(6):
-            before = bar_count(database)
-            proc = start_daemon(config, database, "--once", log=tmp_path / "daemon.log")
-            # each life commits something new, then dies at a random instant soon after
-            wait_until(lambda before=before: bar_count(database) > before, "new rows")
-            time.sleep(rng.uniform(0.0, 0.3))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            counts.append(bar_count(database))
+        counts = _killed_lives(config, database, tmp_path / "daemon.log", rng, 6)
         assert run_once(config, database, log=tmp_path / "daemon.log") == 0
     # every kill landed mid-backfill, and progress survived each of them
     assert all(0 < c < total for c in counts), counts
@@ -161,16 +153,12 @@ def test_sigkill_during_a_chunked_backfill_leaves_no_gap_and_no_duplicate(
             + FAST_RETRY + '[logging]\nlevel = "debug"\n',
         )
         log = tmp_path / "daemon.log"
-        counts = []
-        for _ in range(4):
-            before = bar_count(database)
-            proc = start_daemon(config, database, "--once", log=log)
-            wait_until(lambda before=before: bar_count(database) > before, "new rows")
-            time.sleep(rng.uniform(0.0, 0.3))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            counts.append(bar_count(database))
+
+        def count_holes() -> None:
+            nonlocal holes_seen
             holes_seen += sum(len(spans) - 1 for spans in db.read_coverage(database).values())
+
+        counts = _killed_lives(config, database, log, rng, 4, after_each=count_holes)
         assert run_once(config, database, log=log) == 0
     assert "splitting the rest into 4 sub-ranges" in log.read_text()
     # the kills left holes between sub-ranges (what makes this the chunked case)
@@ -180,6 +168,23 @@ def test_sigkill_during_a_chunked_backfill_leaves_no_gap_and_no_duplicate(
     assert duplicates(database) == 0
     coverage = db.read_coverage(database)
     assert all(len(spans) == 1 and spans[0][0] == FROM_MS for spans in coverage.values()), coverage
+
+
+def _killed_lives(config: Path, database: str, log: Path, rng: random.Random, lives: int, *,
+                  after_each: Callable[[], None] = lambda: None) -> list[int]:
+    """Start `run --once` `lives` times; each life commits something new, then is SIGKILLed
+    at a random instant soon after. The bar count after each kill (`after_each` runs there)."""
+    counts = []
+    for _ in range(lives):
+        before = bar_count(database)
+        proc = start_daemon(config, database, "--once", log=log)
+        wait_until(lambda before=before: bar_count(database) > before, "new rows")
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        counts.append(bar_count(database))
+        after_each()
+    return counts
 
 
 def _sim_stats(url: str) -> dict[str, int]:
